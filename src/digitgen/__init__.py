@@ -1,0 +1,1 @@
+"""digitgen: conditional digit generation on MNIST."""

@@ -1,0 +1,192 @@
+"""The typed, validated view of params.yaml: the one place that knows its shape.
+
+`load_params` turns the YAML into frozen dataclasses. An unknown key, a value of the wrong type
+or an impossible value stops with a `ParamsError` whose one line names the key and what is allowed,
+before any stage does work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MNIST_TRAIN_SIZE = 60_000  # images in the original MNIST training file
+MNIST_TEST_SIZE = 10_000
+MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
+INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
+SAMPLERS = ("study", "fitted")  # how a model draws latents when generating from a label
+
+
+class DigitgenError(Exception):
+    """An error a user can fix: the CLI prints its one-line message and exits with status 2."""
+
+
+class ParamsError(DigitgenError, ValueError):
+    """A params.yaml value that cannot be used; the message is one line naming key and fix."""
+
+
+def _require(ok: bool, key: str, allowed: str, value: object) -> None:
+    if not ok:
+        raise ParamsError(f"{key} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    mirrors: list[str]
+    train_size: int = 48_000
+    val_size: int = 12_000
+    test_size: int = MNIST_TEST_SIZE
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(len(self.mirrors) > 0, "mirrors", "a non-empty list of URLs or folders", self.mirrors)
+        _require(self.train_size > 0, "train_size", "a positive integer", self.train_size)
+        _require(self.val_size > 0, "val_size", "a positive integer", self.val_size)
+        _require(
+            self.train_size + self.val_size <= MNIST_TRAIN_SIZE,
+            "val_size",
+            f"at most {MNIST_TRAIN_SIZE} - train_size = {MNIST_TRAIN_SIZE - self.train_size}",
+            self.val_size,
+        )
+        _require(0 < self.test_size <= MNIST_TEST_SIZE, "test_size", f"in 1..{MNIST_TEST_SIZE}", self.test_size)
+
+
+@dataclass(frozen=True)
+class StudyParams:
+    """The grid of configurations: dvc.yaml's train matrix reads these lists."""
+
+    models: list[str] = field(default_factory=lambda: list(MODEL_KINDS))
+    latent_dims: list[int] = field(default_factory=lambda: [8, 16, 32, 64])
+
+    def __post_init__(self) -> None:
+        for kind in self.models:
+            _require(kind in MODEL_KINDS, "models", f"a list of {', '.join(MODEL_KINDS)}", self.models)
+        _require(len(self.models) > 0, "models", "a non-empty list", self.models)
+        _require(all(d > 0 for d in self.latent_dims) and self.latent_dims, "latent_dims",
+                 "a non-empty list of positive integers", self.latent_dims)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    hidden_dim: int = 512
+
+    def __post_init__(self) -> None:
+        _require(self.hidden_dim > 0, "hidden_dim", "a positive integer", self.hidden_dim)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    # Relative weight of each input mode when drawing one per batch (normalised to probabilities).
+    input_modes: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in INPUT_MODES})
+    device: str = "auto"  # auto: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
+                 "a non-empty list of distinct integers", self.seeds)
+        _require(self.epochs > 0, "epochs", "a positive integer", self.epochs)
+        _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _require(self.lr >= 0, "lr", "a non-negative number", self.lr)
+        for mode in self.input_modes:
+            _require(mode in INPUT_MODES, "input_modes", f"keys among {', '.join(INPUT_MODES)}", mode)
+        _require(all(w >= 0 for w in self.input_modes.values()) and sum(self.input_modes.values()) > 0,
+                 "input_modes", "non-negative weights with a positive sum", self.input_modes)
+        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+                 "auto, cpu, cuda, cuda:N or mps", self.device)
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    experiment: str = "digitgen"
+
+    def __post_init__(self) -> None:
+        _require(bool(self.experiment.strip()), "experiment", "a non-empty name", self.experiment)
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams
+    study: StudyParams = field(default_factory=StudyParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    tracking: TrackingParams = field(default_factory=TrackingParams)
+
+
+def _type_name(tp: object) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _convert(value: object, tp: object, key: str) -> object:
+    """Check `value` against the annotation `tp`, building nested dataclasses; raise on mismatch."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        inner = next(t for t in options if t is not type(None))
+        return _convert(value, inner, key)
+    if origin is list:
+        _require(isinstance(value, list), key, f"a list of {_type_name(typing.get_args(tp)[0])}", value)
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, key) for v in value]
+    if origin is dict:
+        _require(isinstance(value, dict), key, "a mapping", value)
+        key_tp, item_tp = typing.get_args(tp)
+        return {_convert(k, key_tp, key): _convert(v, item_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is float:
+        _require(isinstance(value, (int, float)) and not isinstance(value, bool), key, "a number", value)
+        return float(value)
+    if tp is int:
+        _require(isinstance(value, int) and not isinstance(value, bool), key, "an integer", value)
+        return value
+    _require(isinstance(value, tp), key, f"a {_type_name(tp)}", value)
+    return value
+
+
+def _build(cls: type, raw: object, prefix: str) -> object:
+    where = f"{prefix}." if prefix else ""
+    _require(isinstance(raw, dict), prefix or "params.yaml", "a mapping of keys to values", raw)
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        raise ParamsError(f"{where}{unknown[0]} is not a known key; allowed here: {', '.join(names)}")
+    kwargs = {name: _convert(raw[name], hints[name], f"{where}{name}") for name in names if name in raw}
+    try:
+        return cls(**kwargs)
+    except ParamsError as err:
+        raise ParamsError(f"{where}{err}") from None
+    except TypeError as err:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in raw and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        raise ParamsError(f"{where}{missing[0] if missing else '?'} is required but missing") from err
+
+
+def parse_params(raw: object) -> Params:
+    """Validate an already-loaded params mapping."""
+    return typing.cast(Params, _build(Params, raw, ""))
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found; run from the folder that holds params.yaml (the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    try:
+        return parse_params(raw)
+    except ParamsError as err:
+        raise ParamsError(f"{path}: {err}") from None

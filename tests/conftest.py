@@ -1,0 +1,82 @@
+"""Fixtures that build tiny data sets: IDX files written by the test, or real MNIST subsets from ../shared/mnist."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from digitgen.data import Digits, load_raw
+from digitgen.params import parse_params
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+
+def write_idx(path: Path, array: np.ndarray) -> Path:
+    """Write a uint8 array as a gzipped IDX file, the MNIST format."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+    return path
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"real MNIST not found at {SHARED_MNIST} (the offline mirror beside the repository)")
+    return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def mnist_subset(mnist_dir) -> dict[str, Digits]:
+    """A fixed real-MNIST subset: 1,000 train, 200 validation, 200 test images."""
+    train, test = load_raw(mnist_dir, "train"), load_raw(mnist_dir, "t10k")
+    return {
+        "train": Digits(train.images[:1000], train.labels[:1000]),
+        "val": Digits(train.images[1000:1200], train.labels[1000:1200]),
+        "test": Digits(test.images[:200], test.labels[:200]),
+    }
+
+
+@pytest.fixture
+def prepared_dir(tmp_path, mnist_subset) -> Path:
+    """mnist_subset saved the way the split stage saves it."""
+    out = tmp_path / "prepared"
+    out.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(out / f"{name}.pt")
+    return out
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact folder ./mlruns lands in the temp dir
+    return uri
+
+
+def make_params(**sections):
+    """Valid params at test size; keyword arguments replace keys inside a section: train={"epochs": 1}."""
+    raw = {
+        "data": {"mirrors": ["unused"], "train_size": 1000, "val_size": 200, "test_size": 200, "split_seed": 0},
+        "study": {"models": ["cae", "cvae"], "latent_dims": [4]},
+        "model": {"hidden_dim": 32},
+        "train": {"seeds": [0], "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "cpu",
+                  "input_modes": {"image_digit": 1, "image": 1, "digit": 1}},
+        "tracking": {"experiment": "digitgen-test"},
+    }
+    for section, values in sections.items():
+        raw[section].update(values)
+    return parse_params(raw)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_threads():
+    torch.set_num_threads(2)
