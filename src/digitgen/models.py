@@ -97,14 +97,23 @@ class JointAutoencoder(nn.Module):
         self.encoder = Encoder(config.hidden_dim)
         self.decoder = Decoder(config.latent_dim, config.hidden_dim)
 
-    def encode(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True):
+    def encode(self, images: torch.Tensor | None, digits: torch.Tensor | None):
+        """(mu, logvar): the latent's mean and log-variance; logvar is None for a deterministic latent."""
         raise NotImplementedError
+
+    @staticmethod
+    def latent(mu: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+        """z = mu + sigma * noise (the reparameterisation); noise=None means z = mu."""
+        if logvar is None or noise is None:
+            return mu
+        return mu + torch.exp(0.5 * logvar) * noise
 
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
         """images: N x 784 floats in [0, 1] or None; digits: N int labels or None."""
-        z, mu, logvar = self.encode(images, digits, sample)
+        mu, logvar = self.encode(images, digits)
+        z = self.latent(mu, logvar, torch.randn_like(mu) if sample else None)
         image_logits, digit_log_probs = self.decoder(z)
-        return Output(image_logits, digit_log_probs, z, mu, logvar)
+        return Output(image_logits, digit_log_probs, z, mu if logvar is not None else None, logvar)
 
     def loss(self, images: torch.Tensor, digits: torch.Tensor, input_mode: str) -> Losses:
         """The study's loss for one batch fed in `input_mode`; targets are always the full pair."""
@@ -118,6 +127,27 @@ class JointAutoencoder(nn.Module):
         kl = kl_divergence(out.mu, out.logvar).mean() if out.mu is not None else torch.zeros((), device=bce.device)
         return Losses(bce + nll + kl, bce, nll, kl)
 
+    # Inference: the three conditions of the study. Latents are the mean unless noise is given.
+    def generate(self, digits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) from digits alone, the study's way: the digit-only path.
+
+        For the CVAE z = mu + sigma * noise with noise ~ N(0, I) drawn when None; a shared noise row
+        gives every digit the same style. The CAE's digit-only latent is deterministic.
+        """
+        mu, logvar = self.encode(None, digits)
+        if logvar is not None and noise is None:
+            noise = torch.randn_like(mu)
+        return self.decoder(self.latent(mu, logvar, noise))[0].sigmoid()
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Digit log-probabilities (N x 10) from images alone."""
+        return self.decoder(self.encode(images, None)[0])[1]
+
+    def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images N x 784 in [0, 1], digit log-probabilities N x 10) from images, with or without digits."""
+        image_logits, digit_log_probs = self.decoder(self.encode(images, digits)[0])
+        return image_logits.sigmoid(), digit_log_probs
+
 
 class CAE(JointAutoencoder):
     """Conditional Autoencoder: one FC layer from the fused vector to a deterministic latent."""
@@ -126,23 +156,21 @@ class CAE(JointAutoencoder):
         super().__init__(config)
         self.to_latent = nn.Linear(config.hidden_dim, config.latent_dim)
 
-    def encode(self, images, digits, sample=True):
-        return self.to_latent(self.encoder(images, digits)), None, None
+    def encode(self, images, digits):
+        return self.to_latent(self.encoder(images, digits)), None
 
 
 class CVAE(JointAutoencoder):
-    """Conditional VAE: FC layers to mu and log sigma^2, then z = mu + sigma * eps."""
+    """Conditional VAE: FC layers to mu and log sigma^2; z = mu + sigma * eps, eps ~ N(0, I)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.to_mu = nn.Linear(config.hidden_dim, config.latent_dim)
         self.to_logvar = nn.Linear(config.hidden_dim, config.latent_dim)
 
-    def encode(self, images, digits, sample=True):
+    def encode(self, images, digits):
         fused = self.encoder(images, digits)
-        mu, logvar = self.to_mu(fused), self.to_logvar(fused)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn_like(mu) if sample else mu
-        return z, mu, logvar
+        return self.to_mu(fused), self.to_logvar(fused)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -135,7 +135,7 @@ def log_seed_artifacts(figures: dict[str, object], model, input_example) -> None
         mlflow.log_figure(figure, filename)
         plt.close(figure)
     with torch.no_grad():
-        output = model(input_example, None, sample=False).image_logits.sigmoid()
+        output, _ = model.reconstruct(input_example)
     signature = infer_signature(input_example.numpy(), output.numpy())
     # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
     mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",

@@ -213,9 +213,8 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
 def _log_seed_artifacts(model: JointAutoencoder, history, val: Digits, name: str, seed: int) -> None:
     model = model.cpu().eval()
     originals = val.float_images()[:10]
-    reconstructions = model(originals, val.labels[:10], sample=False).image_logits.sigmoid()
-    digits = torch.arange(10).repeat_interleave(10)
-    generated = model(None, digits).image_logits.sigmoid()
+    reconstructions, _ = model.reconstruct(originals, val.labels[:10])
+    generated = model.generate(torch.arange(10).repeat_interleave(10))
     tracking.log_seed_artifacts(
         {"loss_curves.png": figures.loss_curves({f"seed{seed}": history}, title=name),
          "reconstructions.png": figures.digit_grid(torch.cat([originals, reconstructions]), nrow=10,
