@@ -105,12 +105,13 @@ class SeedRun:
 class ConfigRun:
     """The parent run of one configuration; `seed_run` opens (or reopens, to resume) a child per seed."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, experiment_id: str):
         self.run_id = run_id
+        self.experiment_id = experiment_id
 
     @contextlib.contextmanager
     def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str]):
-        with _run(run_id=run_id, run_name=None if run_id else name, nested=True,
+        with _run(run_id=run_id, experiment_id=self.experiment_id, run_name=None if run_id else name, nested=True,
                   parent_run_id=self.run_id) as run:
             if run_id is None:
                 mlflow.set_tags({**tags, "seed": str(seed)})
@@ -126,7 +127,7 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
         if run_id is None:
             mlflow.set_tags({**tags, **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
             mlflow.log_params(flatten(params))
-        yield ConfigRun(run.info.run_id)
+        yield ConfigRun(run.info.run_id, exp_id)
 
 
 def log_seed_artifacts(figures: dict[str, object], model, input_example) -> None:
