@@ -29,16 +29,38 @@ def digit_grid(images: torch.Tensor, nrow: int, title: str = "") -> Figure:
     return fig
 
 
-def loss_curves(histories: dict[str, list[dict[str, float]]], title: str = "") -> Figure:
-    """Train (solid) and validation (dashed) total loss per epoch, one colour per labelled history."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+def _loss_axes(ax, histories: dict[str, list[dict[str, float]]], title: str) -> None:
     for i, (label, rows) in enumerate(histories.items()):
         epochs = [row["epoch"] for row in rows]
         ax.plot(epochs, [row["train_loss"] for row in rows], color=f"C{i}", label=f"{label} train")
         ax.plot(epochs, [row["val_loss"] for row in rows], color=f"C{i}", linestyle="--", label=f"{label} validation")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss per sample")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
+
+
+def loss_curve_panels(panels: dict[str, dict[str, list[dict[str, float]]]], title: str = "") -> Figure:
+    """One panel per model side by side (the study's Figures 3-6); in each, train (solid) and validation
+    (dashed) loss per epoch, one colour per labelled history (seed)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False, sharey=True)
+    for ax, (panel_title, histories) in zip(axes[0], panels.items()):
+        _loss_axes(ax, histories, panel_title)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def reconstruction_grid(model, images: torch.Tensor, digits: torch.Tensor) -> Figure:
+    """Originals (top row) over the model's reconstructions from image + digit (bottom row)."""
+    reconstructions, _ = model.reconstruct(images.reshape(len(images), -1), digits)
+    return digit_grid(torch.cat([images.reshape(len(images), -1), reconstructions]), nrow=len(images),
+                      title="originals (top), reconstructions (bottom)")
+
+
+def generation_grid(model, seed: int) -> Figure:
+    """10 x 10 digits generated from labels alone, one row per digit 0-9, style noise seeded."""
+    digits = torch.arange(10).repeat_interleave(10)
+    noise = torch.randn(len(digits), model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return digit_grid(model.generate(digits, noise), nrow=10, title="generated from digits 0-9 (one row each)")

@@ -149,3 +149,13 @@ def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
     client = MlflowClient()
     for key, value in metrics.items():
         client.log_metric(run_id, key, value)
+
+
+def log_summary(experiment: str, table, files: list[Path]) -> str:
+    """A `summary` run holding Table 1 (as an MLflow table, shown in the UI's artifact view) and the results files."""
+    with _run(experiment_id=experiment_id(experiment), run_name="summary") as run:
+        mlflow.set_tags({"summary": "true", **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
+        mlflow.log_table(data=table.reset_index(), artifact_file="table1.json")
+        for path in files:
+            mlflow.log_artifact(str(path), artifact_path="figures" if path.suffix == ".png" else None)
+        return run.info.run_id

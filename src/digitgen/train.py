@@ -213,12 +213,9 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
 def _log_seed_artifacts(model: JointAutoencoder, history, val: Digits, name: str, seed: int) -> None:
     model = model.cpu().eval()
     originals = val.float_images()[:10]
-    reconstructions, _ = model.reconstruct(originals, val.labels[:10])
-    generated = model.generate(torch.arange(10).repeat_interleave(10))
     tracking.log_seed_artifacts(
-        {"loss_curves.png": figures.loss_curves({f"seed{seed}": history}, title=name),
-         "reconstructions.png": figures.digit_grid(torch.cat([originals, reconstructions]), nrow=10,
-                                                   title="originals (top), reconstructions (bottom)"),
-         "generations.png": figures.digit_grid(generated, nrow=10, title="generated from digits 0-9 (one row each)")},
+        {"loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
+         "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
+         "generations.png": figures.generation_grid(model, seed)},
         model, originals)
     model.train()

@@ -1,0 +1,156 @@
+"""Stage `aggregate`: seeds -> mean ± std, the study's Table 1 beside the paper's, figures, an MLflow summary.
+
+Reads every configuration's per-seed metrics (results/evaluation/<config>.json, written by the
+evaluate stage) and writes, under results/:
+  metrics.json            mean, std (over seeds, ddof=1) and n for every configuration and metric
+  table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference
+  figures/*.png           loss curves per latent size, reconstruction and generation grids per model
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from digitgen import figures, tracking
+from digitgen.data import load_split
+from digitgen.evaluate import METRICS
+from digitgen.models import load_model
+from digitgen.params import DigitgenError, Params
+from digitgen.train import config_name, read_history
+
+# Table 1's five columns, in the study's order and words
+TABLE_COLUMNS = {
+    "gen_accuracy": "Generated Images Accuracy",
+    "fid": "FID",
+    "inception_score": "Inception Score",
+    "classification_accuracy": "Classification Accuracy",
+    "reconstruction_error": "Reconstruction Error",
+}
+
+
+def display_name(config: str) -> str:
+    """cae-8 -> CAE (8), the study's row names."""
+    kind, latent_dim = config.rsplit("-", 1)
+    return f"{kind.upper().replace('_', '-')} ({latent_dim})"
+
+
+def configurations(params: Params) -> list[str]:
+    """Table 1's rows in the study's order: CAE (8), CVAE (8), CAE (16), ..."""
+    return [config_name(kind, d) for d in params.study.latent_dims for kind in params.study.models]
+
+
+def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    """{config: {seed: {metric: value}}}; a missing configuration is an error, never a silent gap."""
+    found = {}
+    for config in configs:
+        path = Path(eval_dir) / f"{config}.json"
+        if not path.is_file():
+            raise DigitgenError(f"{path} is missing: configuration {config} has not been evaluated; "
+                                f"run `dvc repro` (or `dvc repro evaluate@{config}`)")
+        found[config] = json.loads(path.read_text())["seeds"]
+    return found
+
+
+def summarize(evaluations: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean, sample std (0 for a single seed) and number of seeds of every numeric metric."""
+    summary = {}
+    for config, seeds in evaluations.items():
+        frame = pd.DataFrame.from_dict(seeds, orient="index").select_dtypes("number")
+        std = frame.std(ddof=1).fillna(0.0) if len(frame) > 1 else frame.mean() * 0.0
+        summary[config] = {m: {"mean": float(frame[m].mean()), "std": float(std[m]), "n": int(frame[m].count())}
+                           for m in frame.columns}
+    return summary
+
+
+def best_configs(summary: dict[str, dict[str, dict[str, float]]], metrics=TABLE_COLUMNS) -> dict[str, str]:
+    """For each metric, the configuration whose mean is best in that metric's direction."""
+    best = {}
+    for metric in metrics:
+        scored = {c: s[metric]["mean"] for c, s in summary.items() if metric in s}
+        pick = max if METRICS[metric] == "higher" else min
+        best[metric] = pick(scored, key=scored.get)
+    return best
+
+
+def paper_table() -> pd.DataFrame:
+    with resources.files("digitgen").joinpath("paper_table1.csv").open() as f:
+        return pd.read_csv(f, index_col="configuration")
+
+
+def _fmt(mean: float, std: float) -> str:
+    digits = 4 if abs(mean) < 10 else 2
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """Table 1 with, per metric, ours (mean ± std, the best marked **bold**), the paper's, and ours - paper."""
+    paper = paper_table()
+    best = best_configs(summary)
+    rows = {}
+    for config, metrics in summary.items():
+        row = {}
+        for metric, label in TABLE_COLUMNS.items():
+            mean, std = metrics[metric]["mean"], metrics[metric]["std"]
+            ours = _fmt(mean, std)
+            row[label] = f"**{ours}**" if best[metric] == config else ours
+            has_paper = config in paper.index
+            row[f"{label} (paper)"] = _fmt(paper.at[config, f"{metric}_mean"], paper.at[config, f"{metric}_std"]) \
+                if has_paper else "-"
+            row[f"{label} (ours - paper)"] = f"{mean - paper.at[config, f'{metric}_mean']:+.4g}" if has_paper else "-"
+        rows[display_name(config)] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "Model"
+    return frame
+
+
+def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, test_images: torch.Tensor,
+                  test_labels: torch.Tensor, out_dir: Path, seed: int) -> list[Path]:
+    """The study's appendix figures: loss curves per latent size, reconstructions and generations per model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    by_latent: dict[str, dict[str, dict[str, list]]] = {}
+    for config in configs:
+        kind, latent_dim = config.rsplit("-", 1)
+        runs = sorted(Path(histories_dir, config).glob("seed*.csv"))
+        by_latent.setdefault(latent_dim, {})[display_name(config)] = {p.stem: read_history(p) for p in runs}
+        model = load_model(next(iter(sorted(Path(models_dir, config).glob("seed*.pt")))))
+        with torch.no_grad():
+            for name, fig in (("reconstructions", figures.reconstruction_grid(model, test_images[:10], test_labels[:10])),
+                              ("generations", figures.generation_grid(model, seed))):
+                written.append(_save(fig, out_dir / f"{name}_{config}.png"))
+    for latent_dim, panels in by_latent.items():
+        written.append(_save(figures.loss_curve_panels(panels, f"latent dimension {latent_dim}"),
+                             out_dir / f"loss_curves_{latent_dim}.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
+                  out_dir: Path) -> pd.DataFrame:
+    configs = configurations(params)
+    summary = summarize(load_evaluations(eval_dir, configs))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    frame = table(summary)
+    frame.to_csv(out_dir / "table.csv")
+    (out_dir / "table.md").write_text(
+        f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in bold; "
+        "paper values from the study's Table 1.\n\n" + frame.to_markdown() + "\n")
+    test = load_split(prepared_dir, "test")
+    written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
+                            out_dir / "figures", params.train.seeds[0])
+    tracking.log_summary(params.tracking.experiment, frame,
+                         [out_dir / "metrics.json", out_dir / "table.md", out_dir / "table.csv", *written])
+    return frame

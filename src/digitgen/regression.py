@@ -1,0 +1,100 @@
+"""The CI gate: fresh smoke-pipeline metrics against the committed baseline, within measured tolerances.
+
+Each metric's direction (higher or lower is better) comes from `digitgen.evaluate.METRICS`; the
+thresholds file gives each metric's allowed worsening, absolute (`abs`) or relative to the baseline
+(`rel`). A metric the baseline has and the fresh run lacks is a failure, never a pass.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from digitgen.evaluate import METRICS
+from digitgen.params import DigitgenError
+
+
+@dataclass(frozen=True)
+class Verdict:
+    configuration: str
+    metric: str
+    direction: str
+    baseline: float
+    new: float | None
+    allowed: float  # the worst value that still passes
+    verdict: str  # ok | improved | REGRESSED | MISSING
+
+    @property
+    def failed(self) -> bool:
+        return self.verdict in ("REGRESSED", "MISSING")
+
+
+def load_thresholds(path: Path) -> dict[str, tuple[str, float]]:
+    """{metric: ("abs" | "rel", tolerance)}, checked against the declared metrics."""
+    raw = yaml.safe_load(Path(path).read_text()) or {}
+    thresholds = {}
+    for metric, rule in raw.items():
+        if metric not in METRICS:
+            raise DigitgenError(f"{path}: {metric} is not a metric; known: {', '.join(METRICS)}")
+        if not (isinstance(rule, dict) and len(rule) == 1 and next(iter(rule)) in ("abs", "rel")
+                and isinstance(next(iter(rule.values())), (int, float)) and next(iter(rule.values())) >= 0):
+            raise DigitgenError(f"{path}: {metric} must be {{abs: <tolerance>}} or {{rel: <fraction>}}, got {rule!r}")
+        (kind, value), = rule.items()
+        thresholds[metric] = (kind, float(value))
+    return thresholds
+
+
+def _load_summary(path: Path, what: str) -> dict:
+    if not Path(path).is_file():
+        raise DigitgenError(f"{what} {path} not found; run the smoke pipeline first "
+                            "(`uv run dvc repro pipelines/smoke/dvc.yaml`)")
+    return json.loads(Path(path).read_text())
+
+
+def compare(baseline: dict, current: dict, thresholds: dict[str, tuple[str, float]]) -> list[Verdict]:
+    verdicts = []
+    for config, metrics in baseline.items():
+        for metric, (kind, tolerance) in thresholds.items():
+            if metric not in metrics:
+                continue  # the baseline never had it (e.g. a metric added since); nothing to regress from
+            base = metrics[metric]["mean"]
+            slack = tolerance * abs(base) if kind == "rel" else tolerance
+            sign = 1 if METRICS[metric] == "higher" else -1  # +1: bigger is better
+            allowed = base - sign * slack
+            entry = current.get(config, {}).get(metric)
+            if entry is None:
+                verdict, new = "MISSING", None
+            else:
+                new = entry["mean"]
+                change = sign * (new - base)  # positive = better
+                verdict = "REGRESSED" if change < -slack else "improved" if change > slack else "ok"
+            verdicts.append(Verdict(config, metric, METRICS[metric], base, new, allowed, verdict))
+    return verdicts
+
+
+def render(verdicts: list[Verdict]) -> str:
+    frame = pd.DataFrame([{"configuration": v.configuration, "metric": v.metric, "better": v.direction,
+                           "baseline": f"{v.baseline:.4g}", "new": "-" if v.new is None else f"{v.new:.4g}",
+                           "allowed": f"{'>=' if v.direction == 'higher' else '<='} {v.allowed:.4g}",
+                           "verdict": v.verdict} for v in verdicts])
+    return frame.to_string(index=False)
+
+
+def run_check_regression(metrics_path: Path, baseline_path: Path, thresholds_path: Path) -> bool:
+    """Print the verdict table and a summary line; True when nothing regressed or went missing."""
+    verdicts = compare(_load_summary(baseline_path, "baseline"), _load_summary(metrics_path, "metrics"),
+                       load_thresholds(thresholds_path))
+    print(render(verdicts))
+    failed = [v for v in verdicts if v.failed]
+    improved = [v for v in verdicts if v.verdict == "improved"]
+    if failed:
+        print(f"REGRESSION: {len(failed)} of {len(verdicts)} checks failed: "
+              + ", ".join(f"{v.configuration} {v.metric} ({v.verdict})" for v in failed))
+    else:
+        print(f"no regression: {len(verdicts)} checks passed"
+              + (f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""))
+    return not failed

@@ -1,0 +1,62 @@
+"""Aggregation of per-seed metrics into Table 1: means, stds, best marks, the paper beside ours."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from digitgen.aggregate import best_configs, configurations, load_evaluations, summarize, table
+from digitgen.params import DigitgenError
+
+from conftest import make_params
+
+SEEDS = {
+    "cae-8": {"0": {"gen_accuracy": 0.8, "fid": 30.0, "inception_score": 8.0, "classification_accuracy": 0.95,
+                    "reconstruction_error": 90.0},
+              "1": {"gen_accuracy": 0.9, "fid": 34.0, "inception_score": 9.0, "classification_accuracy": 0.97,
+                    "reconstruction_error": 80.0}},
+    "cvae-8": {"0": {"gen_accuracy": 0.7, "fid": 10.0, "inception_score": 7.0, "classification_accuracy": 0.93,
+                     "reconstruction_error": 100.0},
+               "1": {"gen_accuracy": 0.7, "fid": 12.0, "inception_score": 7.5, "classification_accuracy": 0.94,
+                     "reconstruction_error": 104.0}},
+}
+
+
+def test_mean_and_sample_std_over_seeds():
+    summary = summarize(SEEDS)
+    assert summary["cae-8"]["fid"] == {"mean": 32.0, "std": pytest.approx(2.8284271), "n": 2}
+    assert summary["cvae-8"]["gen_accuracy"]["std"] == pytest.approx(0.0)
+    assert summary["cae-8"]["reconstruction_error"]["mean"] == 85.0
+
+
+def test_a_single_seed_has_zero_std_not_nan():
+    summary = summarize({"cae-8": {"0": SEEDS["cae-8"]["0"]}})
+    assert summary["cae-8"]["fid"] == {"mean": 30.0, "std": 0.0, "n": 1}
+
+
+def test_best_follows_each_metrics_direction():
+    best = best_configs(summarize(SEEDS))
+    assert best == {"gen_accuracy": "cae-8", "fid": "cvae-8", "inception_score": "cae-8",
+                    "classification_accuracy": "cae-8", "reconstruction_error": "cae-8"}
+
+
+def test_table_marks_the_best_and_puts_the_paper_beside_ours():
+    frame = table(summarize(SEEDS))
+    assert list(frame.index) == ["CAE (8)", "CVAE (8)"]
+    assert frame.at["CVAE (8)", "FID"] == "**11.00 ± 1.41**"
+    assert not frame.at["CAE (8)", "FID"].startswith("**")
+    assert frame.at["CAE (8)", "FID (paper)"] == "424.12 ± 3.19"
+    assert frame.at["CAE (8)", "FID (ours - paper)"] == "-392.1"
+    assert frame.at["CVAE (8)", "Generated Images Accuracy (paper)"] == "0.8400 ± 0.0200"
+
+
+def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
+    (tmp_path / "cae-8.json").write_text(json.dumps({"seeds": SEEDS["cae-8"]}))
+    with pytest.raises(DigitgenError, match=r"cvae-8.json is missing.*evaluate@cvae-8"):
+        load_evaluations(tmp_path, ["cae-8", "cvae-8"])
+
+
+def test_rows_follow_the_studys_order():
+    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]})
+    assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
