@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,7 +129,9 @@ def test_trains_with_the_shared_loop_and_draws_its_figures(tmp_path, prepared_di
     params = make_params(label_cvae=TINY)
     out = tmp_path / "models" / "label_cvae-2"
     runs = run_train(params, "label_cvae", LATENT, prepared_dir, out, tmp_path / "histories", tmp_path / "checkpoints")
-    assert set(runs["seed_run_ids"]) == {"0"}
+    seed_run = mlflow.MlflowClient().get_run(runs["seed_run_ids"]["0"])
+    assert seed_run.info.experiment_id == mlflow.get_experiment_by_name("digitgen-test").experiment_id
+    assert seed_run.data.tags["model"] == "label_cvae" and "val_loss" in seed_run.data.metrics
     model = load_model(out / "seed0.pt")
     assert isinstance(model, LabelCVAE) and model.config.hidden_dims == (32, 16)
     (row,) = read_history(tmp_path / "histories" / "seed0.csv")

@@ -68,7 +68,7 @@ def run_label_cvae_figures(params: LatentFigureParams, models_dir: Path, prepare
     transfers = style_vs_identity(model, images[picked], labels[picked]).reshape(NUM_DIGITS, NUM_DIGITS, -1)
     table = torch.cat([images[picked].unsqueeze(1), transfers], dim=1)  # input, then its z as 0-9
     plane, values = latent_plane(model, params.plane_digit, params.plane_size, params.plane_extent)
-    ticks = [f"{v:.1f}" for v in values.tolist()]
+    ticks = [f"{round(v, 1) + 0.0:.1f}" for v in values.tolist()]  # + 0.0 turns -0.0 into 0.0
     out_dir = Path(out_dir)
     return [
         figures.save(figures.digit_grid(
