@@ -73,7 +73,7 @@ def make_params(**sections):
         "tracking": {"experiment": "digitgen-test"},
     }
     for section, values in sections.items():
-        raw[section].update(values)
+        raw.setdefault(section, {}).update(values)
     return parse_params(raw)
 
 

@@ -13,7 +13,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
@@ -123,17 +122,11 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
         with torch.no_grad():
             for name, fig in (("reconstructions", figures.reconstruction_grid(model, test_images[:10], test_labels[:10])),
                               ("generations", figures.generation_grid(model, seed))):
-                written.append(_save(fig, out_dir / f"{name}_{config}.png"))
+                written.append(figures.save(fig, out_dir / f"{name}_{config}.png"))
     for latent_dim, panels in by_latent.items():
-        written.append(_save(figures.loss_curve_panels(panels, f"latent dimension {latent_dim}"),
+        written.append(figures.save(figures.loss_curve_panels(panels, f"latent dimension {latent_dim}"),
                              out_dir / f"loss_curves_{latent_dim}.png"))
     return written
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from digitgen.params import DigitgenError, load_params
+from digitgen.params import LABEL_CVAE, MODEL_KINDS, DigitgenError, load_params
 
 
 def _download(args, params) -> None:
@@ -24,15 +24,21 @@ def _split(args, params) -> None:
 
 
 def _train(args, params) -> None:
-    import dataclasses
-
     from digitgen.train import config_name, run_train
 
-    if args.seeds is not None:
-        params = dataclasses.replace(params, train=dataclasses.replace(params.train, seeds=args.seeds))
     name = config_name(args.model, args.latent_dim)
     run_train(params, args.model, args.latent_dim, args.data, args.out or Path("models") / name,
-              args.history or Path("histories") / name, args.checkpoints or Path("checkpoints") / name, args.device)
+              args.history or Path("histories") / name, args.checkpoints or Path("checkpoints") / name, args.device,
+              args.seeds)
+
+
+def _label_cvae_figures(args, params) -> None:
+    from digitgen.latent import run_label_cvae_figures
+    from digitgen.train import config_name
+
+    models = args.models or Path("models") / config_name(LABEL_CVAE, params.label_cvae.latent_dim)
+    for path in run_label_cvae_figures(params.label_cvae.figures, models, args.data, args.out):
+        print(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,15 +57,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_split)
 
     p = sub.add_parser("train", help="stage train: every seed of one configuration, tracked in MLflow")
-    p.add_argument("--model", required=True, choices=["cae", "cvae"])
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
     p.add_argument("--latent-dim", type=int, required=True)
-    p.add_argument("--seeds", type=int, nargs="+", help="override params' train.seeds")
+    p.add_argument("--seeds", type=int, nargs="+", help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
     p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
     p.add_argument("--data", type=Path, default=Path("data/prepared"))
     p.add_argument("--out", type=Path, help="default: models/<model>-<latent_dim>")
     p.add_argument("--history", type=Path, help="default: histories/<model>-<latent_dim>")
     p.add_argument("--checkpoints", type=Path, help="default: checkpoints/<model>-<latent_dim>")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("label-cvae-figures",
+                       help="stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples")
+    p.add_argument("--models", type=Path, help="the trained label CVAE's folder (default: models/label_cvae-<latent_dim>)")
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--out", type=Path, default=Path("results/label_cvae"))
+    p.set_defaults(func=_label_cvae_figures)
     return parser
 
 

@@ -1,6 +1,9 @@
-"""Figures: loss curves and digit grids, shared by training (MLflow artifacts) and aggregate (results/)."""
+"""Figures: loss curves, digit grids and latent scatters, shared by training (MLflow artifacts) and the
+stages that write results/."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import matplotlib
 
@@ -12,21 +15,56 @@ from matplotlib.figure import Figure  # noqa: E402
 LOSS_TERMS = ("loss", "bce", "nll", "kl")
 
 
-def digit_grid(images: torch.Tensor, nrow: int, title: str = "") -> Figure:
-    """Images (N x 784 or N x 28 x 28, values in [0, 1]) tiled row by row, nrow images per row."""
+def digit_grid(images: torch.Tensor, nrow: int, title: str = "", *, col_labels: list[str] | None = None,
+               row_labels: list[str] | None = None, xlabel: str = "", ylabel: str = "") -> Figure:
+    """Images (N x 784 or N x 28 x 28, values in [0, 1]) tiled row by row, nrow images per row.
+
+    col_labels / row_labels name the tiles' columns (below) and rows (left); xlabel / ylabel the axes.
+    """
     images = images.detach().cpu().reshape(-1, 28, 28)
     rows = (len(images) + nrow - 1) // nrow
     canvas = torch.zeros(rows * 28, nrow * 28)
     for i, image in enumerate(images):
         r, c = divmod(i, nrow)
         canvas[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = image
-    fig, ax = plt.subplots(figsize=(nrow * 0.5, rows * 0.5 + (0.3 if title else 0)))
+    margin_x = 0.4 if row_labels or ylabel else 0
+    margin_y = (0.3 if title else 0) + (0.3 if col_labels or xlabel else 0)
+    fig, ax = plt.subplots(figsize=(nrow * 0.5 + margin_x, rows * 0.5 + margin_y))
     ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1)
-    ax.axis("off")
+    ax.set_xticks([28 * c + 13.5 for c in range(len(col_labels or []))], col_labels or [], fontsize=7)
+    ax.set_yticks([28 * r + 13.5 for r in range(len(row_labels or []))], row_labels or [], fontsize=7)
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def latent_scatter(points: torch.Tensor, digits: torch.Tensor, title: str = "") -> Figure:
+    """2-D latent points (N x 2), one colour per digit."""
+    points, digits = points.detach().cpu(), digits.detach().cpu()
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for digit in range(10):
+        chosen = points[digits == digit]
+        ax.scatter(chosen[:, 0], chosen[:, 1], s=2, alpha=0.5, color=f"C{digit}", label=str(digit), rasterized=True)
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(title, fontsize=9)
+    ax.legend(title="digit", markerscale=5, fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.tight_layout()
+    return fig
+
+
+def save(figure: Figure, path: Path) -> Path:
+    """Write a figure as PNG (parents created) and free it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=150)
+    plt.close(figure)
+    return path
 
 
 def _loss_axes(ax, histories: dict[str, list[dict[str, float]]], title: str) -> None:

@@ -1,4 +1,5 @@
-"""The study's joint models: the Conditional Autoencoder (CAE) and Conditional VAE (CVAE).
+"""The study's joint models, the Conditional Autoencoder (CAE) and Conditional VAE (CVAE), and the
+label-conditioned CVAE.
 
 Both read an image, a digit, or both, and write both an image and a digit:
 
@@ -9,6 +10,16 @@ Both read an image, a digit, or both, and write both an image and a digit:
 The CAE projects the fused vector to the latent with one FC layer; the CVAE projects it to mu and
 log sigma^2 and samples z = mu + sigma * eps. An absent input adds nothing to the fused sum, which
 is what the study's random input modes (image+digit, image only, digit only) rely on.
+
+The label-conditioned CVAE (reference: label_conditioned_cvae.md) is the classic CVAE, where both
+sides see the one-hot label, so the latent is left to carry the handwriting style:
+
+    [image (784), digit (10)] -> FC 512 -> ReLU -> FC 256 -> ReLU -> mu, log sigma^2 (latent_dim 2)
+    [z, digit (10)]           -> FC 256 -> ReLU -> FC 512 -> ReLU -> FC 784 -> sigmoid (image)
+
+Every model answers the same inference calls (`generate`, `reconstruct`, `encode`, `classify`), so
+evaluation and the API need not know which one they hold; a call a model cannot answer raises
+`UnsupportedTask`.
 """
 
 from __future__ import annotations
@@ -21,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitgen.params import DigitgenError
+
 IMAGE_DIM = 28 * 28
 NUM_DIGITS = 10
 
@@ -29,14 +42,19 @@ NUM_DIGITS = 10
 class ModelConfig:
     """Everything needed to rebuild a model: stored with its weights."""
 
-    kind: str  # "cae" or "cvae"
+    kind: str  # "cae", "cvae" or "label_cvae"
     latent_dim: int
-    hidden_dim: int = 512
+    hidden_dim: int = 512  # the joint models' layer width
+    hidden_dims: tuple[int, ...] = (512, 256)  # the label CVAE's encoder widths; its decoder mirrors them
+
+
+class UnsupportedTask(DigitgenError):
+    """An inference call the model cannot answer (the label CVAE cannot classify): report it as not applicable."""
 
 
 class Output(NamedTuple):
     image_logits: torch.Tensor  # N x 784, before the sigmoid (BCE is computed from logits for stability)
-    digit_log_probs: torch.Tensor  # N x 10, log-softmax
+    digit_log_probs: torch.Tensor | None  # N x 10, log-softmax; None for the label CVAE, which predicts no digit
     z: torch.Tensor  # N x latent_dim, the latent the decoder saw
     mu: torch.Tensor | None = None  # CVAE only
     logvar: torch.Tensor | None = None  # CVAE only
@@ -51,8 +69,20 @@ class Losses(NamedTuple):
     kl: torch.Tensor  # KL(q(z|x,y) || N(0, I)); 0 for the CAE
 
 
+def _mlp(*widths: int) -> nn.Sequential:
+    """FC -> ReLU from each width to the next."""
+    layers = []
+    for in_dim, out_dim in zip(widths, widths[1:]):
+        layers += [nn.Linear(in_dim, out_dim), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
 def _pathway(in_dim: int, hidden_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU())
+    return _mlp(in_dim, hidden_dim, hidden_dim)
+
+
+def _one_hot(digits: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.one_hot(digits, NUM_DIGITS).to(like.dtype)
 
 
 class Encoder(nn.Module):
@@ -70,7 +100,7 @@ class Encoder(nn.Module):
         if images is not None:
             fused = fused + self.image_path(images)
         if digits is not None:
-            fused = fused + self.digit_path(F.one_hot(digits, NUM_DIGITS).to(self.digit_path[0].weight.dtype))
+            fused = fused + self.digit_path(_one_hot(digits, self.digit_path[0].weight))
         return fused
 
 
@@ -178,21 +208,107 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(dim=-1)
 
 
-MODELS: dict[str, type[JointAutoencoder]] = {"cae": CAE, "cvae": CVAE}
+class LabelEncoder(nn.Module):
+    """q(z | x, y): the image and its one-hot label, concatenated, down the hidden widths to mu and log sigma^2."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.body = _mlp(IMAGE_DIM + NUM_DIGITS, *config.hidden_dims)
+        self.to_mu = nn.Linear(config.hidden_dims[-1], config.latent_dim)
+        self.to_logvar = nn.Linear(config.hidden_dims[-1], config.latent_dim)
+
+    def forward(self, images: torch.Tensor, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(torch.cat([images, _one_hot(digits, images)], dim=1))
+        return self.to_mu(h), self.to_logvar(h)
 
 
-def build_model(config: ModelConfig) -> JointAutoencoder:
+class LabelDecoder(nn.Module):
+    """p(x | z, y): the latent and the one-hot label up the hidden widths, reversed, to 784 Bernoulli logits."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        widths = config.hidden_dims[::-1]
+        self.body = _mlp(config.latent_dim + NUM_DIGITS, *widths)
+        self.to_image = nn.Linear(widths[-1], IMAGE_DIM)
+
+    def forward(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.body(torch.cat([z, _one_hot(digits, z)], dim=1)))
+
+
+class LabelCVAE(nn.Module):
+    """The label-conditioned CVAE: the label tells the decoder which digit, so z only has to say how it is written.
+
+    Prior p(z) = N(0, I), so generating a digit is decoding it with a z drawn from N(0, I); a z taken
+    from one image's encoding and decoded with another label writes that digit in the image's style.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = LabelEncoder(config)
+        self.decoder = LabelDecoder(config)
+
+    def encode(self, images: torch.Tensor, digits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z | x, y): this model's encoder needs the label as well as the image."""
+        if digits is None:
+            raise UnsupportedTask("the label CVAE encodes an image together with its label; pass the digits too")
+        return self.encoder(images, digits)
+
+    def forward(self, images: torch.Tensor, digits: torch.Tensor, sample: bool = True) -> Output:
+        mu, logvar = self.encode(images, digits)
+        z = JointAutoencoder.latent(mu, logvar, torch.randn_like(mu) if sample else None)
+        return Output(self.decoder(z, digits), None, z, mu, logvar)
+
+    def loss(self, images: torch.Tensor, digits: torch.Tensor, input_mode: str) -> Losses:
+        """The negative ELBO: BCE summed over the pixels plus KL, per sample, averaged over the batch.
+
+        `input_mode` is ignored: this model always sees the image and its label (which is why params
+        allow it only image_digit). nll is 0: it predicts no digit.
+        """
+        out = self(images, digits)
+        bce = F.binary_cross_entropy_with_logits(out.image_logits, images, reduction="none").sum(1).mean()
+        kl = kl_divergence(out.mu, out.logvar).mean()
+        return Losses(bce + kl, bce, torch.zeros_like(bce), kl)
+
+    def generate(self, digits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) of `digits` in the styles z = noise: N x latent_dim, or one row that
+        gives every digit the same style; drawn from the prior N(0, I) when None."""
+        if noise is None:
+            noise = torch.randn(len(digits), self.config.latent_dim, device=digits.device)
+        return self.decoder(noise.expand(len(digits), -1), digits).sigmoid()
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise UnsupportedTask("the label CVAE cannot classify: it predicts no digit and needs the label to encode an "
+                              "image; report classification accuracy as not applicable")
+
+    def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None) -> tuple[torch.Tensor, None]:
+        """(images N x 784 in [0, 1], None): decoded from the posterior mean; the label is required, and
+        there are no digit log-probabilities because this model predicts no digit."""
+        return self.decoder(self.encode(images, digits)[0], digits).sigmoid(), None
+
+
+Model = JointAutoencoder | LabelCVAE
+MODELS: dict[str, type[Model]] = {"cae": CAE, "cvae": CVAE, "label_cvae": LabelCVAE}
+
+
+def build_model(config: ModelConfig) -> Model:
     if config.kind not in MODELS:
         raise ValueError(f"unknown model kind {config.kind!r}; expected one of {', '.join(MODELS)}")
     return MODELS[config.kind](config)
 
 
-def save_model(model: JointAutoencoder, path: Path) -> None:
+class ModelNotFoundError(DigitgenError):
+    """A model file that is not there; the message names it and how to make it."""
+
+
+def save_model(model: Model, path: Path) -> None:
     """Weights plus the config that rebuilds them; loadable with torch.load(weights_only=True)."""
     torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
 
 
-def load_model(path: Path, map_location: str | torch.device = "cpu") -> JointAutoencoder:
+def load_model(path: Path, map_location: str | torch.device = "cpu") -> Model:
+    if not Path(path).is_file():
+        raise ModelNotFoundError(f"{path} not found; train it first (`dvc repro`) or give the path of a trained model")
     blob = torch.load(path, map_location=map_location, weights_only=True)
     model = build_model(ModelConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])

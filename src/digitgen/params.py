@@ -18,6 +18,7 @@ import yaml
 MNIST_TRAIN_SIZE = 60_000  # images in the original MNIST training file
 MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
+LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
 SAMPLERS = ("study", "fitted")  # how a model draws latents when generating from a label
 
@@ -104,6 +105,45 @@ class TrainParams:
 
 
 @dataclass(frozen=True)
+class LatentFigureParams:
+    """Stage label_cvae_figures: which model it shows and the size of each picture."""
+
+    seed: int = 0  # which trained seed's model the figures show
+    plane_digit: int = 7  # the digit decoded over the 2-D latent plane
+    plane_size: int = 15  # images per side of that grid
+    plane_extent: float = 3.0  # the grid spans [-extent, extent] on both axes, in prior standard deviations
+    samples_per_digit: int = 10  # varied-style samples per digit, z ~ N(0, I)
+    noise_seed: int = 0  # seeds those draws, so the figure is the same on every run
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.plane_digit <= 9, "plane_digit", "a digit 0-9", self.plane_digit)
+        _require(self.plane_size > 1, "plane_size", "an integer of at least 2", self.plane_size)
+        _require(self.plane_extent > 0, "plane_extent", "a positive number", self.plane_extent)
+        _require(self.samples_per_digit > 0, "samples_per_digit", "a positive integer", self.samples_per_digit)
+
+
+@dataclass(frozen=True)
+class LabelCVAEParams:
+    """The label-conditioned CVAE: its architecture, its training (same keys as `train`) and its figures."""
+
+    latent_dim: int = 2
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])  # encoder widths; the decoder mirrors them
+    train: TrainParams = field(default_factory=lambda: TrainParams(input_modes={"image_digit": 1.0}))
+    figures: LatentFigureParams = field(default_factory=LatentFigureParams)
+
+    def __post_init__(self) -> None:
+        _require(self.latent_dim >= 2, "latent_dim", "an integer of at least 2 (the figures draw a 2-D latent plane)",
+                 self.latent_dim)
+        _require(len(self.hidden_dims) > 0 and all(d > 0 for d in self.hidden_dims), "hidden_dims",
+                 "a non-empty list of positive integers", self.hidden_dims)
+        modes = {mode for mode, weight in self.train.input_modes.items() if weight > 0}
+        _require(modes == {"image_digit"}, "train.input_modes",
+                 "{image_digit: 1} (this model always sees the image and its label)", self.train.input_modes)
+        _require(self.figures.seed in self.train.seeds, "figures.seed",
+                 f"one of train.seeds {self.train.seeds} (the figures show that seed's model)", self.figures.seed)
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str = "digitgen"
 
@@ -117,6 +157,7 @@ class Params:
     study: StudyParams = field(default_factory=StudyParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
 
 

@@ -130,14 +130,18 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
         yield ConfigRun(run.info.run_id, exp_id)
 
 
-def log_seed_artifacts(figures: dict[str, object], model, input_example) -> None:
-    """End-of-training artifacts of the active seed run: figures and the model with its signature."""
+def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, digits: torch.Tensor) -> None:
+    """End-of-training artifacts of the active seed run: figures and the model with its signature.
+
+    The signature is that of `reconstruct(images, digits)`, the one call every model answers from the
+    same inputs (the label CVAE needs the digits to encode).
+    """
     for filename, figure in figures.items():
         mlflow.log_figure(figure, filename)
         plt.close(figure)
     with torch.no_grad():
-        output, _ = model.reconstruct(input_example)
-    signature = infer_signature(input_example.numpy(), output.numpy())
+        output, _ = model.reconstruct(images, digits)
+    signature = infer_signature({"images": images.numpy(), "digits": digits.numpy()}, output.numpy())
     # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
     mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
                              code_paths=[str(Path(__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])

@@ -1,6 +1,7 @@
 """One training loop for every model: input modes, validation, checkpoints, history.
 
-Stage `train` (one configuration, every seed). Each finished epoch is checkpointed beside the
+Stages `train` (one configuration of the study, every seed) and `train_label_cvae` (the same for the
+label-conditioned CVAE, which reads its own params section). Each finished epoch is checkpointed beside the
 outputs (weights, optimiser, random states, history, MLflow run id), so an interrupted stage resumes
 from the last completed epoch and reaches the same weights it would have reached uninterrupted.
 """
@@ -14,7 +15,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -23,8 +24,8 @@ from tqdm import tqdm
 
 from digitgen import figures, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import JointAutoencoder, ModelConfig, build_model, save_model
-from digitgen.params import INPUT_MODES, Params, TrainParams
+from digitgen.models import Model, ModelConfig, build_model, save_model
+from digitgen.params import INPUT_MODES, LABEL_CVAE, Params, TrainParams
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -41,7 +42,7 @@ def mode_probabilities(weights: dict[str, float]) -> dict[str, float]:
     return {mode: weights.get(mode, 0.0) / total for mode in INPUT_MODES}
 
 
-def _sum_losses(model: JointAutoencoder, images, digits, mode, batch_size) -> torch.Tensor:
+def _sum_losses(model: Model, images, digits, mode, batch_size) -> torch.Tensor:
     """Sum over the set of each loss term (total, bce, nll, kl), fed in `mode`."""
     sums = torch.zeros(4, device=images.device)
     for start in range(0, len(digits), batch_size):
@@ -51,7 +52,7 @@ def _sum_losses(model: JointAutoencoder, images, digits, mode, batch_size) -> to
 
 
 @torch.no_grad()
-def validation_losses(model: JointAutoencoder, images, digits, params: TrainParams, seed: int) -> dict[str, float]:
+def validation_losses(model: Model, images, digits, params: TrainParams, seed: int) -> dict[str, float]:
     """Each loss term on the validation set, averaged over input modes by their training probabilities.
 
     That is the expected value of the training objective, without the noise of a random draw. CVAE
@@ -67,7 +68,7 @@ def validation_losses(model: JointAutoencoder, images, digits, params: TrainPara
     return {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist())}
 
 
-def fit(model: JointAutoencoder, train: Digits, val: Digits, params: TrainParams, seed: int,
+def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int,
         logger: EpochLogger, checkpoint: Path, state: dict | None, device: torch.device,
         label: str) -> list[dict[str, float]]:
     """Train from `state` (a checkpoint, or None for epoch 0) to params.epochs, checkpointing each epoch."""
@@ -141,6 +142,13 @@ def config_name(kind: str, latent_dim: int) -> str:
     return f"{kind}-{latent_dim}"
 
 
+def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig, TrainParams]:
+    """What `kind` is built and trained with: the study's `model` and `train` sections, or `label_cvae`'s own."""
+    if kind == LABEL_CVAE:
+        return ModelConfig(kind, latent_dim, hidden_dims=tuple(params.label_cvae.hidden_dims)), params.label_cvae.train
+    return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
+
+
 def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -> str:
     """What a checkpoint must match to be resumed: the model, the training params and the data."""
     blob = {"config": asdict(config), "train": asdict(params),
@@ -148,21 +156,25 @@ def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _run_params(params: Params, config: ModelConfig) -> dict:
-    return {"model": asdict(config), "train": {k: v for k, v in asdict(params.train).items() if k != "seeds"},
+def _run_params(params: Params, config: ModelConfig, train_params: TrainParams) -> dict:
+    return {"model": asdict(config), "train": {k: v for k, v in asdict(train_params).items() if k != "seeds"},
             "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"}}
 
 
 def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
-              history_dir: Path, checkpoint_dir: Path, device: str | None = None) -> dict:
-    """Stage `train`: every seed of one configuration; returns the MLflow run ids it wrote to runs.json."""
+              history_dir: Path, checkpoint_dir: Path, device: str | None = None,
+              seeds: list[int] | None = None) -> dict:
+    """Stages `train` and `train_label_cvae`: every seed (params', or `seeds`) of one configuration;
+    returns the MLflow run ids it wrote to runs.json."""
     prepared_dir, out_dir, history_dir, checkpoint_dir = map(Path, (prepared_dir, out_dir, history_dir, checkpoint_dir))
-    config = ModelConfig(kind=kind, latent_dim=latent_dim, hidden_dim=params.model.hidden_dim)
+    config, train_params = model_setup(params, kind, latent_dim)
+    if seeds is not None:
+        train_params = replace(train_params, seeds=seeds)
     name = config_name(kind, latent_dim)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    dev = resolve_device(device or params.train.device)
+    dev = resolve_device(device or train_params.device)
 
-    fingerprint = _fingerprint(config, params.train, prepared_dir)
+    fingerprint = _fingerprint(config, train_params, prepared_dir)
     state_file = checkpoint_dir / "state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     if state.get("fingerprint") != fingerprint:
@@ -174,14 +186,14 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tags = {"model": kind, "latent_dim": str(latent_dim)}
-    run_params = _run_params(params, config)
+    run_params = _run_params(params, config, train_params)
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags) as parent:
             state["parent_run_id"] = parent.run_id
             state_file.write_text(json.dumps(state))
             seed_runs = {}
-            for seed in params.train.seeds:
+            for seed in train_params.seeds:
                 checkpoint = checkpoint_dir / f"seed{seed}.pt"
                 saved = torch.load(checkpoint, weights_only=True) if checkpoint.is_file() else None
                 torch.manual_seed(seed)
@@ -191,7 +203,7 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
                     history, run_id = saved["history"], saved["run_id"]
                 else:
                     with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags) as run:
-                        history = fit(model, train, val, params.train, seed, run, checkpoint, saved, dev,
+                        history = fit(model, train, val, train_params, seed, run, checkpoint, saved, dev,
                                       f"{name} seed{seed}")
                         _log_seed_artifacts(model, history, val, name, seed)
                         run_id = run.run_id
@@ -210,12 +222,12 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
 
 
 @torch.no_grad()
-def _log_seed_artifacts(model: JointAutoencoder, history, val: Digits, name: str, seed: int) -> None:
+def _log_seed_artifacts(model: Model, history, val: Digits, name: str, seed: int) -> None:
     model = model.cpu().eval()
     originals = val.float_images()[:10]
     tracking.log_seed_artifacts(
         {"loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
          "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
          "generations.png": figures.generation_grid(model, seed)},
-        model, originals)
+        model, originals, val.labels[:10])
     model.train()
