@@ -220,5 +220,5 @@ def _log_seed_artifacts(model: JointAutoencoder, history, val: Digits, name: str
          "reconstructions.png": figures.digit_grid(torch.cat([originals, reconstructions]), nrow=10,
                                                    title="originals (top), reconstructions (bottom)"),
          "generations.png": figures.digit_grid(generated, nrow=10, title="generated from digits 0-9 (one row each)")},
-        model, originals)
+        model, originals, val.labels[:10])
     model.train()
