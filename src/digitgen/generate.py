@@ -7,7 +7,8 @@
     model.reconstruct(images, labels)            # image and label -> reconstructions conditioned on the label
     model.validate(images, labels)               # image and label -> probability each label is right
 
-Images go in and out as float tensors in [0, 1] shaped N x 28 x 28 (N x 1 x 28 x 28 is accepted too).
+Images go in and out as float tensors in [0, 1] shaped N x 28 x 28 (one explicit channel, N x 1 x 28 x 28
+or N x 28 x 28 x 1, is accepted too).
 The inference math is the model's own (models.py); this module checks inputs, draws style noise and
 converts to and from PNG files and the pyfunc's request table (`predict_frame`). Bad input stops
 with an `InputError` whose one line names what was expected.
@@ -145,7 +146,7 @@ class DigitModel:
     @torch.no_grad()
     def classify(self, images) -> Prediction:
         """The digit each image shows, from the image alone."""
-        log_probs = self._run("classify images (it has no digit head)", self.net.classify, as_images(images))
+        log_probs = self._run("classify images", self.net.classify, as_images(images))
         return _prediction(log_probs)
 
     @torch.no_grad()
@@ -162,7 +163,12 @@ class DigitModel:
 
     @torch.no_grad()
     def validate(self, images, labels) -> torch.Tensor:
-        """The probability (N) that each given label is right: the study's image-and-label condition."""
+        """The probability (N) that each given label is right, in the study's image-and-label condition.
+
+        It is the digit head's probability of the label when the model sees the image and that label.
+        Seeing the label leans the model toward it, so a wrong label scores higher here than in
+        classify(images).probs, the image-only view.
+        """
         y = as_labels(labels)
         probs = self.reconstruct(images, y).probs
         if probs is None:
@@ -235,6 +241,8 @@ def request_frame(mode: str, images=None, digits=None) -> pd.DataFrame:
     """Rows of one mode for `predict_frame` (or, as JSON, for `mlflow models serve`)."""
     if mode not in MODES:
         raise InputError(f"expected mode to be one of {', '.join(MODES)}, got {mode!r}")
+    if images is None and digits is None:
+        raise InputError("expected images, digits or both")
     x = as_images(images).tolist() if images is not None else None
     y = as_labels(digits, len(x) if x is not None else None).double().tolist() if digits is not None else None
     count = len(x) if x is not None else len(y)
@@ -296,7 +304,8 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
 
 
 def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """An empty request cell: None, NaN or pandas' NA (a cell of pixels is a list, never missing here)."""
+    return value is None or (np.isscalar(value) and pd.isna(value)) or value is pd.NA
 
 
 def _pixels(cell, row: int, mode: str) -> torch.Tensor:
@@ -374,10 +383,12 @@ def run_generate(source: str, out: Path, digit: int | None = None, n: int | None
     """`digitgen generate`: n images of one digit (default 1), or a digit string, as one PNG row; returns the count."""
     if (digit is None) == (digits is None):
         raise InputError("expected either a digit (with n) or a digit string")
-    if digits is not None:
+    if digits is not None:  # bad input stops here, before the (slow) model load
         if n is not None:
             raise InputError("expected n only with a single digit; a digit string draws one image per character")
-        digit_string(digits)  # a bad string stops before the model is loaded
+        digit_string(digits)
+    else:
+        as_labels(digit)
     model = load(source)
     if digits is not None:
         image, count = generate_string(model, digits, same_style, seed), len(digits)
