@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 
 import pandas as pd
@@ -66,13 +67,23 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
                                       headers={"Content-Type": "application/json"})
         asked = time.monotonic()
         with _no_proxy.open(call, timeout=60) as response:
-            answer = pd.DataFrame(json.loads(response.read())["predictions"])
+            text = response.read().decode()
         print(f"server answered {len(request)} rows in {time.monotonic() - asked:.2f} s")
+        answer = pd.DataFrame(json.loads(text, parse_constant=pytest.fail)["predictions"])  # strict JSON: no NaN
+
+        bad = {"dataframe_records": [{"mode": "classify", "pixels": [2.0] * 784}]}
+        call = urllib.request.Request(f"http://{LOOPBACK}:{port}/invocations", data=json.dumps(bad).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            _no_proxy.open(call, timeout=60)
+        assert refused.value.code == 400
+        assert "InputError: expected pixel values in [0, 1], got values from 2 to 2" in refused.value.read().decode()
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started in their own session
         server.wait(timeout=30)
 
     api = digitgen.load(trained.path)
+    assert answer.probability[:4].isna().all()  # generate rows have no probability: JSON null
     generated = torch.tensor(answer.pixels[:4].tolist()).reshape(-1, 28, 28)
     assert torch.allclose(generated, api.generate([2, 0, 2, 6], seed=7, same_style=True), atol=1e-6)
     assert answer.digit[4:7].tolist() == api.classify(images).digits.tolist()

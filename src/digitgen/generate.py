@@ -264,7 +264,7 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
             raise InputError(f"expected mode to be one of {', '.join(MODES)}, got {mode!r} in row {i}")
     given = [None if _missing(v) else v for v in (frame["digit"] if "digit" in frame else [None] * n)]
     cells = frame["pixels"].tolist() if "pixels" in frame else [None] * n
-    out = {"digit": given[:], "probability": [math.nan] * n, "probs": [None] * n, "pixels": [None] * n}
+    out = {"digit": given[:], "probability": [None] * n, "probs": [None] * n, "pixels": [None] * n}
 
     def labels(rows: list[int], mode: str) -> torch.Tensor:
         for i in rows:
@@ -299,8 +299,9 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
     if rows := rows_of("validate"):
         digits = labels(rows, "validate")
         fill(rows, digit=digits, probability=model.validate(images(rows, "validate"), digits))
+    # object columns keep None where a row has no value, which serves as JSON null (a float NaN would not)
     return pd.DataFrame({"digit": pd.array([int(d) for d in out["digit"]], dtype="int64"),
-                         "probability": out["probability"], "probs": out["probs"], "pixels": out["pixels"]})
+                         **{name: pd.Series(out[name], dtype=object) for name in ("probability", "probs", "pixels")}})
 
 
 def _missing(value) -> bool:
