@@ -266,7 +266,8 @@ def test_cli_generate_digit_and_digit_string(trained_models, tmp_path, monkeypat
     model = str(trained_models["cvae"].path)
     assert main(["generate", "--model", model, "--digit", "7", "-n", "16", "--seed", "0", "--out", "sevens.png"]) == 0
     assert Image.open("sevens.png").size == (16 * 28, 28)
-    assert main(["generate", "--model", model, "--digits", "2026", "--same-style", "--seed", "0", "--out", "y.png"]) == 0
+    assert main(["generate", "--model", model, "--digits", "2026", "--same-style", "--seed", "0",
+                 "--out", "y.png"]) == 0
     expected = digitgen.load(model).generate([2, 0, 2, 6], seed=0, same_style=True)
     assert torch.allclose(read_png("y.png"), expected, atol=0.5 / 255 + 1e-6)
     assert "wrote 4 images to y.png" in capsys.readouterr().out

@@ -87,4 +87,5 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
     generated = torch.tensor(answer.pixels[:4].tolist()).reshape(-1, 28, 28)
     assert torch.allclose(generated, api.generate([2, 0, 2, 6], seed=7, same_style=True), atol=1e-6)
     assert answer.digit[4:7].tolist() == api.classify(images).digits.tolist()
-    assert torch.allclose(torch.tensor(answer.probability[7:10].tolist()).float(), api.validate(images, labels), atol=1e-6)
+    validated = torch.tensor(answer.probability[7:10].tolist()).float()
+    assert torch.allclose(validated, api.validate(images, labels), atol=1e-6)

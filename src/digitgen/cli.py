@@ -68,7 +68,8 @@ def _validate(args, params) -> None:
 
 def _model_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True,
-                   help="a model file (models/cvae-16/seed0.pt) or MLflow URI (runs:/<run_id>, models:/digitgen@champion)")
+                   help="a model file (models/cvae-16/seed0.pt) or an MLflow URI "
+                        "(runs:/<run_id>, models:/digitgen@champion)")
     p.set_defaults(needs_params=False)  # usable outside the repository: no params.yaml needed
 
 

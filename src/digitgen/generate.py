@@ -281,7 +281,8 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
                 out[name][i] = value.item() if value.ndim == 0 else value.reshape(-1).tolist()
 
     def rows_of(mode: str, with_digit: bool | None = None) -> list[int]:
-        return [i for i in range(n) if modes[i] == mode and (with_digit is None or (given[i] is not None) == with_digit)]
+        return [i for i in range(n)
+                if modes[i] == mode and (with_digit is None or (given[i] is not None) == with_digit)]
 
     if rows := rows_of("generate"):
         digits = labels(rows, "generate")

@@ -227,7 +227,8 @@ def pyfunc_weights(uri: str):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
             weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
         except MlflowException as err:
-            raise generate.ModelSourceError(f"{uri}: no such MLflow model in {tracking_uri()} ({str(err).splitlines()[0]}); "
+            reason = str(err).splitlines()[0]
+            raise generate.ModelSourceError(f"{uri}: no such MLflow model in {tracking_uri()} ({reason}); "
                                             "expected runs:/<run_id> or models:/<name>@<alias>") from None
         except (OSError, KeyError, TypeError):
             raise generate.ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the '{PYFUNC_NAME}' "
