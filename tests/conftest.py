@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,10 +72,45 @@ def make_params(**sections):
         "train": {"seeds": [0], "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "cpu",
                   "input_modes": {"image_digit": 1, "image": 1, "digit": 1}},
         "tracking": {"experiment": "digitgen-test"},
+        "registry": {"model_name": "digitgen-test", "champion_metric": "fid"},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_params(raw)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A tiny trained model: its file, its seed run and the MLflow store that holds the run."""
+
+    path: Path
+    run_id: str
+    tracking_uri: str
+
+
+@pytest.fixture(scope="session")
+def trained_models(tmp_path_factory, mnist_subset) -> dict[str, Trained]:
+    """A CAE and a CVAE (hidden_dim 32, latent_dim 4, one epoch, one seed) trained and logged once per session.
+
+    Tests that reach the MLflow store set $MLFLOW_TRACKING_URI to `tracking_uri` themselves.
+    """
+    from digitgen.train import run_train
+
+    root = tmp_path_factory.mktemp("trained")
+    prepared = root / "prepared"
+    prepared.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(prepared / f"{name}.pt")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    trained = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.chdir(root)  # MLflow's artifacts land beside the store
+        for kind in ("cae", "cvae"):
+            runs = run_train(make_params(train={"epochs": 1}), kind, 4, prepared, root / "models" / kind,
+                             root / "histories" / kind, root / "checkpoints" / kind)
+            trained[kind] = Trained(root / "models" / kind / "seed0.pt", runs["seed_run_ids"]["0"], uri)
+    return trained
 
 
 @pytest.fixture(autouse=True)

@@ -41,6 +41,44 @@ def _label_cvae_figures(args, params) -> None:
         print(path)
 
 
+def _generate(args, params) -> None:
+    from digitgen.generate import run_generate
+
+    count = run_generate(args.model, args.out, args.digit, args.n, args.digits, args.same_style, args.seed)
+    print(f"wrote {count} images to {args.out}")
+
+
+def _print_rows(header: tuple[str, ...], rows) -> None:
+    print("\t".join(header))
+    for name, digit, probability in rows:
+        print(f"{name}\t{'' if digit is None else digit}\t{'' if probability is None else f'{probability:.4f}'}")
+
+
+def _classify(args, params) -> None:
+    from digitgen.generate import run_classify
+
+    _print_rows(("image", "digit", "probability"), run_classify(args.model, args.images))
+
+
+def _reconstruct(args, params) -> None:
+    from digitgen.generate import run_reconstruct
+
+    _print_rows(("image", "digit", "probability"), run_reconstruct(args.model, args.images, args.out, args.labels))
+
+
+def _validate(args, params) -> None:
+    from digitgen.generate import run_validate
+
+    _print_rows(("image", "label", "probability"), run_validate(args.model, args.images, args.labels))
+
+
+def _model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a model file (models/cvae-16/seed0.pt) or an MLflow URI "
+                        "(runs:/<run_id>, models:/digitgen@champion)")
+    p.set_defaults(needs_params=False)  # usable outside the repository: no params.yaml needed
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitgen", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -73,13 +111,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", type=Path, default=Path("data/prepared"))
     p.add_argument("--out", type=Path, default=Path("results/label_cvae"))
     p.set_defaults(func=_label_cvae_figures)
+
+    images_help = "PNG files: 28 x 28 grayscale, or a row/grid of 28 x 28 tiles as generate writes"
+    p = sub.add_parser("generate", help="images from digits alone, as one PNG row of 28-pixel tiles")
+    _model_argument(p)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--digit", type=int, help="the digit to draw n times")
+    what.add_argument("--digits", help="a digit string such as 2026, one tile per character")
+    p.add_argument("-n", type=int, help="images of --digit (default: 1)")
+    p.add_argument("--same-style", action="store_true", help="one style noise for every image")
+    p.add_argument("--seed", type=int, help="seed of the style noise (default: a fresh draw)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("classify", help="the digit each image shows, from the image alone")
+    _model_argument(p)
+    p.add_argument("images", type=Path, nargs="+", help=images_help)
+    p.set_defaults(func=_classify)
+
+    p = sub.add_parser("reconstruct", help="reconstructions (one PNG row) and predicted digits")
+    _model_argument(p)
+    p.add_argument("images", type=Path, nargs="+", help=images_help)
+    p.add_argument("--labels", type=int, nargs="+", help="one digit per image, to reconstruct with image and label")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.set_defaults(func=_reconstruct)
+
+    p = sub.add_parser("validate", help="the probability that each image's given label is right")
+    _model_argument(p)
+    p.add_argument("images", type=Path, nargs="+", help=images_help)
+    p.add_argument("--labels", type=int, nargs="+", required=True, help="one digit per image")
+    p.set_defaults(func=_validate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params) if getattr(args, "needs_params", True) else None
         args.func(args, params)
     except (DigitgenError, FileNotFoundError) as err:
         print(f"digitgen {args.command}: error: {err}", file=sys.stderr)

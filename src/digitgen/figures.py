@@ -15,18 +15,25 @@ from matplotlib.figure import Figure  # noqa: E402
 LOSS_TERMS = ("loss", "bce", "nll", "kl")
 
 
-def digit_grid(images: torch.Tensor, nrow: int, title: str = "", *, col_labels: list[str] | None = None,
-               row_labels: list[str] | None = None, xlabel: str = "", ylabel: str = "") -> Figure:
-    """Images (N x 784 or N x 28 x 28, values in [0, 1]) tiled row by row, nrow images per row.
-
-    col_labels / row_labels name the tiles' columns (below) and rows (left); xlabel / ylabel the axes.
-    """
+def tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
+    """Images (N x 784 or N x 28 x 28) as one canvas of 28-pixel tiles, row by row, nrow per row (blank fill)."""
     images = images.detach().cpu().reshape(-1, 28, 28)
     rows = (len(images) + nrow - 1) // nrow
     canvas = torch.zeros(rows * 28, nrow * 28)
     for i, image in enumerate(images):
         r, c = divmod(i, nrow)
         canvas[r * 28 : (r + 1) * 28, c * 28 : (c + 1) * 28] = image
+    return canvas
+
+
+def digit_grid(images: torch.Tensor, nrow: int, title: str = "", *, col_labels: list[str] | None = None,
+               row_labels: list[str] | None = None, xlabel: str = "", ylabel: str = "") -> Figure:
+    """Images (N x 784 or N x 28 x 28, values in [0, 1]) tiled row by row, nrow images per row.
+
+    col_labels / row_labels name the tiles' columns (below) and rows (left); xlabel / ylabel the axes.
+    """
+    canvas = tile(images, nrow)
+    rows = canvas.shape[0] // 28
     margin_x = 0.4 if row_labels or ylabel else 0
     margin_y = (0.3 if title else 0) + (0.3 if col_labels or xlabel else 0)
     fig, ax = plt.subplots(figsize=(nrow * 0.5 + margin_x, rows * 0.5 + margin_y))

@@ -8,6 +8,7 @@ before any stage does work.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -152,6 +153,20 @@ class TrackingParams:
 
 
 @dataclass(frozen=True)
+class RegistryParams:
+    """The MLflow model registry: the aggregate stage registers the best run as <model_name>@champion."""
+
+    model_name: str = "digitgen"
+    champion_metric: str = "fid"  # the metric that picks the best configuration (its direction: digitgen.evaluate)
+
+    def __post_init__(self) -> None:
+        # the name ends up in URIs like models:/<name>@champion, so no slashes, colons or @
+        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name) is not None, "model_name",
+                 "a name of letters, digits, '.', '_' or '-'", self.model_name)
+        _require(bool(self.champion_metric.strip()), "champion_metric", "a metric name", self.champion_metric)
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     study: StudyParams = field(default_factory=StudyParams)
@@ -159,6 +174,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
 
 def _type_name(tp: object) -> str:

@@ -8,20 +8,33 @@ a `SeedRun`, whose `log_epoch` is all it needs.
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
+import mlflow.pyfunc
 import mlflow.pytorch
+import pandas as pd
 import torch
-from mlflow.models import infer_signature
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
+from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+from digitgen import generate
+from digitgen.models import save_model
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
+PYFUNC_NAME = "pyfunc"  # each seed run's serving model: runs:/<run_id>/pyfunc
+CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
+WEIGHTS_FILE = "model.pt"  # the pyfunc's weights, as models.save_model writes them
 
 
 def project_root() -> Path:
@@ -130,11 +143,17 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
         yield ConfigRun(run.info.run_id, exp_id)
 
 
-def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, digits: torch.Tensor) -> None:
-    """End-of-training artifacts of the active seed run: figures and the model with its signature.
+def _pinned(*distributions: str) -> list[str]:
+    """pip requirements pinned to the versions installed here (local tags such as +cpu dropped)."""
+    return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in distributions]
 
-    The signature is that of `reconstruct(images, digits)`, the one call every model answers from the
-    same inputs (the label CVAE needs the digits to encode).
+
+def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, digits: torch.Tensor) -> None:
+    """End-of-training artifacts of the active seed run: figures, the PyTorch model and the serving pyfunc.
+
+    images (N x 784 in [0, 1]) and their digits are examples for the signatures. The PyTorch model's
+    signature is that of `reconstruct(images, digits)`, the one call every model answers from the same
+    inputs (the label CVAE needs the digits to encode).
     """
     for filename, figure in figures.items():
         mlflow.log_figure(figure, filename)
@@ -144,7 +163,104 @@ def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, 
     signature = infer_signature({"images": images.numpy(), "digits": digits.numpy()}, output.numpy())
     # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
     mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                             code_paths=[str(Path(__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                             code_paths=[str(Path(__file__).parent)], pip_requirements=_pinned("torch"))
+    _log_pyfunc(model, images[0].reshape(28, 28), int(digits[0]))
+
+
+class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
+    """Serves every condition of the study through one request table (generate.predict_frame).
+
+    Stateless when pickled: the weights travel as an artifact and load with weights_only=True.
+    """
+
+    def load_context(self, context) -> None:
+        self.model = generate.load(context.artifacts["weights"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return generate.predict_frame(self.model, model_input, **(params or {}))
+
+
+# The request and answer tables of generate.predict_frame. digit is a double on the way in because
+# integer columns cannot hold the gaps a mixed request has (MLflow's advice for missing integers).
+PYFUNC_SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "mode"), ColSpec("double", "digit", required=False),
+                   ColSpec(Array("double"), "pixels", required=False)]),
+    outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "probability", required=False),
+                    ColSpec(Array("double"), "probs", required=False),
+                    ColSpec(Array("double"), "pixels", required=False)]),
+    params=ParamSchema([ParamSpec("seed", "long", None), ParamSpec("same_style", "boolean", False)]))
+
+
+def _log_pyfunc(model, image: torch.Tensor, digit: int) -> None:
+    example = generate.example_request(generate.DigitModel(model, "training"), image, digit)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / WEIGHTS_FILE
+        save_model(model, weights)
+        # A pickled PythonModel (MLflow warns about pickles) rather than models-from-code: the
+        # instance holds no state, only a reference to this class, which code_paths ships.
+        mlflow.pyfunc.log_model(
+            name=PYFUNC_NAME, python_model=DigitgenPyfunc(), artifacts={"weights": str(weights)},
+            signature=PYFUNC_SIGNATURE, input_example=(example, {"seed": 0}),
+            code_paths=[str(Path(__file__).parent)],
+            pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
+
+
+def _require_store() -> None:
+    """Point MLflow at our store; refuse to create an empty default store where none was meant to be."""
+    uri = tracking_uri()
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not (project_root() / STORE_FILE).is_file():
+        raise generate.ModelSourceError(f"no MLflow store at {project_root() / STORE_FILE}; run from the "
+                                        "repository root or set MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+
+
+@contextlib.contextmanager
+def pyfunc_weights(uri: str):
+    """The weights file of the digitgen pyfunc at an MLflow model URI, downloaded for the with block.
+
+    runs:/<run_id> alone means that run's pyfunc model.
+    """
+    _require_store()
+    if re.fullmatch(r"runs:/[^/]+/?", uri):
+        uri = f"{uri.rstrip('/')}/{PYFUNC_NAME}"
+    # no progress bars on the terminal of a CLI user waiting for one small model
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
+        except MlflowException as err:
+            reason = str(err).splitlines()[0]
+            raise generate.ModelSourceError(f"{uri}: no such MLflow model in {tracking_uri()} ({reason}); "
+                                            "expected runs:/<run_id> or models:/<name>@<alias>") from None
+        except (OSError, KeyError, TypeError):
+            raise generate.ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the '{PYFUNC_NAME}' "
+                                            "model that `digitgen train` logs in every seed run") from None
+        yield local / weights
+
+
+def register_champion(run_id: str, model_name: str) -> str:
+    """Register the run's pyfunc model as model_name and point alias `champion` at it; returns the version.
+
+    Idempotent: when the champion already is this run's model, no new version is made.
+    """
+    _require_store()
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException:  # no such model or alias yet
+        current = None
+    if current is not None and current.run_id == run_id:
+        return current.version
+    run = client.get_run(run_id)
+    logged = client.search_logged_models([run.info.experiment_id], max_results=1,
+                                         filter_string=f"source_run_id = '{run_id}' AND name = '{PYFUNC_NAME}'")
+    if not logged:
+        raise generate.ModelSourceError(f"run {run_id} has no '{PYFUNC_NAME}' model; expected a seed run "
+                                        "logged by `digitgen train`")
+    version = mlflow.register_model(logged[0].model_uri, model_name)
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    return version.version
 
 
 def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:

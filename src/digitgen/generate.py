@@ -1,0 +1,417 @@
+"""Inference: the study's three conditions for a person (CLI, PNG files) and a program (Python, MLflow).
+
+    model = digitgen.load("models/cvae-16/seed0.pt")  # or "runs:/<run_id>", "models:/digitgen@champion"
+    model.generate(7, n=16)                      # label only      -> 16 x 28 x 28 images
+    model.classify(images)                       # image only      -> most likely digits and probabilities
+    model.reconstruct(images)                    # image only      -> reconstructions, digits, probabilities
+    model.reconstruct(images, labels)            # image and label -> reconstructions conditioned on the label
+    model.validate(images, labels)               # image and label -> probability each label is right
+
+Images go in and out as float tensors in [0, 1] shaped N x 28 x 28 (one explicit channel, N x 1 x 28 x 28
+or N x 28 x 28 x 1, is accepted too).
+The inference math is the model's own (models.py); this module checks inputs, draws style noise and
+converts to and from PNG files and the pyfunc's request table (`predict_frame`). Bad input stops
+with an `InputError` whose one line names what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from digitgen import figures
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, UnsupportedTask, load_model
+from digitgen.params import DigitgenError
+
+SIDE = 28  # MNIST images are 28 x 28 pixels
+MODES = ("generate", "classify", "reconstruct", "validate")  # the pyfunc's `mode` column
+MODEL_SOURCES = ("a model file written by `digitgen train` (models/<kind>-<latent_dim>/seed<s>.pt) "
+                 "or an MLflow URI (runs:/<run_id>, models:/<name>@<alias>)")
+
+
+class InputError(DigitgenError, ValueError):
+    """Images, labels or a request the model cannot take; the message names what was expected."""
+
+
+class ModelSourceError(DigitgenError):
+    """A model file or MLflow URI that does not lead to a digitgen model."""
+
+
+class Prediction(NamedTuple):
+    digits: torch.Tensor  # N, the most likely digit
+    probs: torch.Tensor  # N x 10, the probability of each digit
+
+
+class Reconstruction(NamedTuple):
+    images: torch.Tensor  # N x 28 x 28 in [0, 1]
+    digits: torch.Tensor | None  # N, the most likely digit; None for a model without a digit head
+    probs: torch.Tensor | None  # N x 10
+
+
+def as_images(images) -> torch.Tensor:
+    """Check images (N x 28 x 28 or N x 1 x 28 x 28, floats in [0, 1]) and return them as N x 784."""
+    try:
+        x = torch.as_tensor(images)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"expected images as a float tensor shaped N x 28 x 28, got {type(images).__name__}") from None
+    if x.ndim == 4:  # N x C x H x W, or channels last (N x H x W x C) when the last axis is the short one
+        channels_last = x.shape[-1] < x.shape[1]
+        channels = x.shape[-1] if channels_last else x.shape[1]
+        if channels != 1:
+            raise InputError(f"expected one channel (grayscale images N x 28 x 28), got {channels} channels "
+                             f"in shape {_shape(x)}")
+        x = x[..., 0] if channels_last else x[:, 0]
+    if x.ndim != 3:
+        raise InputError(f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}"
+                         + ("; add a batch dimension: images[None]" if x.ndim == 2 else ""))
+    if tuple(x.shape[1:]) != (SIDE, SIDE):
+        raise InputError(f"expected images of 28 x 28 pixels, got {x.shape[1]} x {x.shape[2]}")
+    if not x.is_floating_point():
+        raise InputError(f"expected float pixel values in [0, 1], got {x.dtype} (divide 8-bit images by 255)")
+    if len(x) and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise InputError(f"expected pixel values in [0, 1], got values from {x.min().item():g} to {x.max().item():g}")
+    return x.reshape(len(x), IMAGE_DIM).float()
+
+
+def as_labels(labels, count: int | None = None) -> torch.Tensor:
+    """Check digit labels (an int or a sequence of ints 0..9; one per image when count is given)."""
+    try:
+        y = torch.as_tensor(labels).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"expected digit labels as integers 0..9, got {labels!r}") from None
+    if y.dtype == torch.bool or y.is_complex() or (y.is_floating_point() and not torch.equal(y, y.round())):
+        raise InputError(f"expected digit labels as integers 0..9, got {y.tolist()}")
+    outside = [v for v in y.tolist() if not 0 <= v < NUM_DIGITS]
+    if outside:
+        raise InputError(f"expected digit labels in 0..9, got {outside[0]:g}")
+    if count is not None and len(y) != count:
+        raise InputError(f"expected one label per image ({count} images), got {len(y)} labels")
+    return y.long()
+
+
+def _shape(x: torch.Tensor) -> str:
+    return " x ".join(map(str, x.shape)) or "a scalar"
+
+
+class DigitModel:
+    """A trained joint model under the study's conditions; build one with `load`."""
+
+    def __init__(self, net: torch.nn.Module, source: str):
+        self.net = net.eval()
+        self.source = source
+        self.kind = net.config.kind
+        self.latent_dim = net.config.latent_dim
+        self.device = next(net.parameters()).device
+
+    def __repr__(self) -> str:
+        return f"DigitModel({self.kind}, latent_dim={self.latent_dim}, from {self.source})"
+
+    def _run(self, method, *args):
+        """Call the model on its device. A condition it was not built for raises UnsupportedTask (one line)."""
+        return method(*(a.to(self.device) if a is not None else None for a in args))
+
+    @torch.no_grad()
+    def generate(self, labels, n: int = 1, *, seed: int | None = None, same_style: bool = False) -> torch.Tensor:
+        """n images per label (label by label), N x 28 x 28 in [0, 1].
+
+        Each image gets its own style noise, or one shared noise row with same_style; `seed` makes the
+        noise, and so the images, repeatable. The CAE's digit-only latent has no noise: its images
+        depend on the label alone.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"expected n, the number of images per label, to be a positive integer, got {n!r}")
+        digits = as_labels(labels).repeat_interleave(n)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        noise = torch.randn(1 if same_style else len(digits), self.latent_dim, generator=generator)
+        images = self._run(self.net.generate, digits, noise.expand(len(digits), -1))
+        return images.reshape(-1, SIDE, SIDE).cpu()
+
+    @torch.no_grad()
+    def classify(self, images) -> Prediction:
+        """The digit each image shows, from the image alone."""
+        log_probs = self._run(self.net.classify, as_images(images))
+        return _prediction(log_probs)
+
+    @torch.no_grad()
+    def reconstruct(self, images, labels=None) -> Reconstruction:
+        """Reconstructions of images, from the images alone or from images and their labels."""
+        x = as_images(images)
+        y = as_labels(labels, count=len(x)) if labels is not None else None
+        recon, log_probs = self._run(self.net.reconstruct, x, y)
+        recon = recon.reshape(-1, SIDE, SIDE).cpu()
+        if log_probs is None:  # a model without a digit head reconstructs but does not predict
+            return Reconstruction(recon, None, None)
+        return Reconstruction(recon, *_prediction(log_probs))
+
+    @torch.no_grad()
+    def validate(self, images, labels) -> torch.Tensor:
+        """The probability (N) that each given label is right, in the study's image-and-label condition.
+
+        It is the digit head's probability of the label when the model sees the image and that label.
+        Seeing the label leans the model toward it, so a wrong label scores higher here than in
+        classify(images).probs, the image-only view.
+        """
+        y = as_labels(labels)
+        probs = self.reconstruct(images, y).probs
+        if probs is None:
+            raise UnsupportedTask(f"a {self.kind} model cannot validate labels: it has no digit head")
+        return probs.gather(1, y[:, None])[:, 0]
+
+
+def _prediction(log_probs: torch.Tensor) -> Prediction:
+    probs = log_probs.exp().cpu()
+    return Prediction(probs.argmax(1), probs)
+
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://, ...; not C:\ or a plain path
+
+
+def load(source: str | Path, device: str = "cpu") -> DigitModel:
+    """A trained model from a file written by `digitgen train` or an MLflow model URI.
+
+    runs:/<run_id> is short for runs:/<run_id>/pyfunc, the model every training seed run logs;
+    models:/<name>@champion is the registered best configuration. MLflow URIs are resolved against
+    $MLFLOW_TRACKING_URI, else mlflow.db in the working folder.
+    """
+    text = str(source)
+    if _URI.match(text):
+        from digitgen import tracking  # MLflow is slow to import; only URIs need it
+
+        with tracking.pyfunc_weights(text) as path:
+            return DigitModel(_load_file(path, text, device), text)
+    path = Path(text)
+    if not path.is_file():
+        raise ModelSourceError(f"{text}: no such model file; expected {MODEL_SOURCES}")
+    return DigitModel(_load_file(path, text, device), text)
+
+
+def _load_file(path: Path, source: str, device: str):
+    try:
+        return load_model(path, map_location=device)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, KeyError, TypeError, ValueError):
+        raise ModelSourceError(f"{source}: not a digitgen model; expected {MODEL_SOURCES}") from None
+
+
+def generate_string(model: DigitModel, text: str, same_style: bool = False, seed: int | None = None) -> torch.Tensor:
+    """A digit string such as "2026" rendered as one row of 28-pixel tiles: a 28 x (28 * len) image in [0, 1].
+
+    Each digit is drawn with its own style noise, or all with one shared noise row (same_style).
+    """
+    images = model.generate(digit_string(text), seed=seed, same_style=same_style)
+    return figures.tile(images, nrow=len(images))
+
+
+def digit_string(text: str) -> list[int]:
+    """The digits of a string such as "2026"; anything but the characters 0-9 is an error."""
+    if not text:
+        raise InputError("expected a string of digits 0-9, got an empty string")
+    odd = next((c for c in text if c not in "0123456789"), None)
+    if odd is not None:
+        raise InputError(f"expected a string of digits 0-9, got {odd!r} in {text!r}")
+    return [int(c) for c in text]
+
+
+# The pyfunc's request table: one schema for every condition, one row per image asked for.
+#   in:  mode    generate | classify | reconstruct | validate
+#        digit   0-9: required by generate and validate, optional for reconstruct, ignored by classify
+#        pixels  784 values in [0, 1], the image row by row: required by all modes but generate
+#   out: digit        the digit asked for (generate, validate) or the most likely one (classify, reconstruct)
+#        probability  the model's probability of that digit; empty for generate
+#        probs        the 10 digit probabilities (classify, reconstruct)
+#        pixels       the generated or reconstructed image, 784 values
+def request_frame(mode: str, images=None, digits=None) -> pd.DataFrame:
+    """Rows of one mode for `predict_frame` (or, as JSON, for `mlflow models serve`)."""
+    if mode not in MODES:
+        raise InputError(f"expected mode to be one of {', '.join(MODES)}, got {mode!r}")
+    if images is None and digits is None:
+        raise InputError("expected images, digits or both")
+    x = as_images(images).tolist() if images is not None else None
+    y = as_labels(digits, len(x) if x is not None else None).double().tolist() if digits is not None else None
+    count = len(x) if x is not None else len(y)
+    return pd.DataFrame({"mode": [mode] * count, "digit": y or [math.nan] * count, "pixels": x or [None] * count})
+
+
+def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = None,
+                  same_style: bool = False) -> pd.DataFrame:
+    """Answer a request table (see above) with the same calls the Python API makes, batched by mode.
+
+    The generate rows, in order, are one `model.generate` call, so `seed` and `same_style` act as there.
+    """
+    if "mode" not in frame:
+        raise InputError(f"expected a column 'mode' with one of {', '.join(MODES)} per row")
+    n = len(frame)
+    modes = frame["mode"].tolist()
+    for i, mode in enumerate(modes):
+        if mode not in MODES:
+            raise InputError(f"expected mode to be one of {', '.join(MODES)}, got {mode!r} in row {i}")
+    given = [None if _missing(v) else v for v in (frame["digit"] if "digit" in frame else [None] * n)]
+    cells = frame["pixels"].tolist() if "pixels" in frame else [None] * n
+    out = {"digit": given[:], "probability": [None] * n, "probs": [None] * n, "pixels": [None] * n}
+
+    def labels(rows: list[int], mode: str) -> torch.Tensor:
+        for i in rows:
+            if given[i] is None:
+                raise InputError(f"expected a digit 0-9 for mode {mode!r}, got none in row {i}")
+        return as_labels([given[i] for i in rows])
+
+    def images(rows: list[int], mode: str) -> torch.Tensor:
+        return torch.stack([_pixels(cells[i], i, mode) for i in rows])
+
+    def fill(rows: list[int], **columns) -> None:
+        for name, values in columns.items():
+            for i, value in zip(rows, values):
+                out[name][i] = value.item() if value.ndim == 0 else value.reshape(-1).tolist()
+
+    def rows_of(mode: str, with_digit: bool | None = None) -> list[int]:
+        return [i for i in range(n)
+                if modes[i] == mode and (with_digit is None or (given[i] is not None) == with_digit)]
+
+    if rows := rows_of("generate"):
+        digits = labels(rows, "generate")
+        fill(rows, digit=digits, pixels=model.generate(digits, seed=seed, same_style=same_style))
+    if rows := rows_of("classify"):
+        digits, probs = model.classify(images(rows, "classify"))
+        fill(rows, digit=digits, probability=probs.gather(1, digits[:, None])[:, 0], probs=probs)
+    for with_digit in (False, True):
+        if rows := rows_of("reconstruct", with_digit):
+            result = model.reconstruct(images(rows, "reconstruct"), labels(rows, "reconstruct") if with_digit else None)
+            fill(rows, pixels=result.images)
+            if result.digits is not None:
+                fill(rows, digit=result.digits, probability=result.probs.gather(1, result.digits[:, None])[:, 0],
+                     probs=result.probs)
+    if rows := rows_of("validate"):
+        digits = labels(rows, "validate")
+        fill(rows, digit=digits, probability=model.validate(images(rows, "validate"), digits))
+    # object columns keep None where a row has no value, which serves as JSON null (a float NaN would not)
+    return pd.DataFrame({"digit": pd.array([int(d) for d in out["digit"]], dtype="int64"),
+                         **{name: pd.Series(out[name], dtype=object) for name in ("probability", "probs", "pixels")}})
+
+
+def _missing(value) -> bool:
+    """An empty request cell: None, NaN or pandas' NA (a cell of pixels is a list, never missing here)."""
+    return value is None or (np.isscalar(value) and pd.isna(value)) or value is pd.NA
+
+
+def _pixels(cell, row: int, mode: str) -> torch.Tensor:
+    """One request cell as a 28 x 28 tensor (range checked later, with the batch)."""
+    if _missing(cell) or len(cell) == 0:
+        raise InputError(f"expected pixels (784 values in [0, 1]) for mode {mode!r}, got none in row {row}")
+    try:
+        values = torch.as_tensor(np.asarray(cell, dtype=np.float64))
+    except (TypeError, ValueError):
+        raise InputError(f"expected pixels as 784 numbers in [0, 1], got something else in row {row}") from None
+    if values.numel() != IMAGE_DIM:
+        raise InputError(f"expected 784 pixel values (28 x 28, row by row), got {values.numel()} in row {row}")
+    return values.reshape(SIDE, SIDE)
+
+
+def example_request(model: DigitModel, image: torch.Tensor, digit: int) -> pd.DataFrame:
+    """One row for each condition the model supports, from one image and its digit: the pyfunc's input example."""
+    candidates = [request_frame("generate", digits=[digit]), request_frame("classify", images=image[None]),
+                  request_frame("reconstruct", images=image[None]),
+                  request_frame("reconstruct", images=image[None], digits=[digit]),
+                  request_frame("validate", images=image[None], digits=[digit])]
+    supported = []
+    for frame in candidates:
+        try:
+            predict_frame(model, frame, seed=0)
+        except UnsupportedTask:
+            continue
+        supported.append(frame)
+    return pd.concat(supported, ignore_index=True)
+
+
+# PNG files: what the CLI reads and writes.
+def read_png(path: str | Path) -> torch.Tensor:
+    """A grayscale PNG of 28 x 28 pixels, or a grid of 28 x 28 tiles (what `write_png` writes), as N x 28 x 28."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such file; expected a 28 x 28 grayscale PNG")
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except (UnidentifiedImageError, OSError):
+        raise InputError(f"{path}: not an image file; expected a 28 x 28 grayscale PNG") from None
+    bands = image.getbands()
+    if len(bands) > 1:
+        raise InputError(f"{path}: expected one channel (grayscale), got {len(bands)} channels ({image.mode}); "
+                         "convert it to grayscale first")
+    if image.mode not in ("L", "1"):
+        raise InputError(f"{path}: expected 8-bit grayscale pixels, got image mode {image.mode}")
+    width, height = image.size
+    if width % SIDE or height % SIDE or not width or not height:
+        raise InputError(f"{path}: expected 28 x 28 pixels (or a grid of 28 x 28 tiles), got {width} x {height}")
+    pixels = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255)
+    return pixels.reshape(height // SIDE, SIDE, width // SIDE, SIDE).permute(0, 2, 1, 3).reshape(-1, SIDE, SIDE)
+
+
+def write_png(image: torch.Tensor, path: str | Path) -> None:
+    """Write images (N x 28 x 28, side by side in one row) or one image (H x W), values in [0, 1], as an 8-bit PNG."""
+    image = image.detach().cpu()
+    canvas = figures.tile(image, nrow=len(image)) if image.ndim == 3 else image
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray((canvas * 255).round().to(torch.uint8).numpy()).save(path, format="PNG")
+
+
+def read_pngs(paths: list[str | Path]) -> tuple[torch.Tensor, list[str]]:
+    """Every image in the files, in order, and a name for each: the path, with [i] for a tile of a grid."""
+    batches = [read_png(p) for p in paths]
+    names = [str(p) if len(b) == 1 else f"{p}[{i}]" for p, b in zip(paths, batches) for i in range(len(b))]
+    return torch.cat(batches), names
+
+
+# The CLI's commands: one function each.
+def run_generate(source: str, out: Path, digit: int | None = None, n: int | None = None, digits: str | None = None,
+                 same_style: bool = False, seed: int | None = None) -> int:
+    """`digitgen generate`: n images of one digit (default 1), or a digit string, as one PNG row; returns the count."""
+    if (digit is None) == (digits is None):
+        raise InputError("expected either a digit (with n) or a digit string")
+    if digits is not None:  # bad input stops here, before the (slow) model load
+        if n is not None:
+            raise InputError("expected n only with a single digit; a digit string draws one image per character")
+        digit_string(digits)
+    else:
+        as_labels(digit)
+    model = load(source)
+    if digits is not None:
+        image, count = generate_string(model, digits, same_style, seed), len(digits)
+    else:
+        count = 1 if n is None else n
+        image = model.generate(digit, count, seed=seed, same_style=same_style)
+    write_png(image, out)
+    return count
+
+
+def run_classify(source: str, paths: list[Path]) -> list[tuple[str, int, float]]:
+    """`digitgen classify`: (image, most likely digit, its probability) for every image in the files."""
+    images, names = read_pngs(paths)
+    digits, probs = load(source).classify(images)
+    return [(name, int(d), float(p[d])) for name, d, p in zip(names, digits, probs)]
+
+
+def run_reconstruct(source: str, paths: list[Path], out: Path,
+                    labels: list[int] | None = None) -> list[tuple[str, int | None, float | None]]:
+    """`digitgen reconstruct`: reconstructions as one PNG row; (image, digit, probability) for each."""
+    images, names = read_pngs(paths)
+    result = load(source).reconstruct(images, labels)
+    write_png(result.images, out)
+    if result.digits is None:
+        return [(name, None, None) for name in names]
+    return [(name, int(d), float(p[d])) for name, d, p in zip(names, result.digits, result.probs)]
+
+
+def run_validate(source: str, paths: list[Path], labels: list[int]) -> list[tuple[str, int, float]]:
+    """`digitgen validate`: (image, given label, probability the label is right) for every image in the files."""
+    images, names = read_pngs(paths)
+    probs = load(source).validate(images, labels)
+    return [(name, int(y), float(p)) for name, y, p in zip(names, labels, probs)]
