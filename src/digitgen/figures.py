@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no screen
@@ -42,3 +44,10 @@ def loss_curves(histories: dict[str, list[dict[str, float]]], title: str = "") -
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    """Write a figure to a file (folders made as needed) and free it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -17,8 +18,11 @@ import mlflow
 import mlflow.pytorch
 import torch
 from mlflow.models import infer_signature
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from digitgen.params import DigitgenError
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -142,9 +146,35 @@ def log_seed_artifacts(figures: dict[str, object], model, input_example) -> None
                              code_paths=[str(Path(__file__).parent)], pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
-def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
-    """Log metrics to an existing (finished) run, e.g. evaluation results to the seed's training run."""
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+class TrackingError(DigitgenError):
+    """A run that evaluation must log to is not in the store; the message names the store and the fix."""
+
+
+def _client_for_run(run_id: str, uri: str | None) -> MlflowClient:
+    """A client of the store at `uri` (default: ours), checked to hold the run."""
+    client = MlflowClient(uri or tracking_uri())
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"run {run_id} is not in the MLflow store {client.tracking_uri}; point MLFLOW_TRACKING_URI "
+                            "(or runs.json's tracking_uri) at the store that trained the model, or train again") from None
+    return client
+
+
+def log_metrics_to_run(run_id: str, metrics: dict[str, float], uri: str | None = None,
+                       tags: dict[str, str] | None = None) -> None:
+    """Log metrics (and tags) to an existing (finished) run, e.g. evaluation results to the seed's training run.
+
+    uri: the store that holds the run (the tracking_uri recorded in runs.json); default: `tracking_uri()`.
+    """
+    client = _client_for_run(run_id, uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, value) for key, value in (tags or {}).items()])
+
+
+def log_figure_to_run(run_id: str, figure, filename: str, uri: str | None = None) -> None:
+    """Log a figure as an artifact of an existing run (closing it), e.g. generated samples beside their metrics."""
+    client = _client_for_run(run_id, uri)
+    client.log_figure(run_id, figure, filename)
+    plt.close(figure)
