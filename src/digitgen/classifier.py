@@ -15,6 +15,7 @@ features and statistics by that name alone.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -26,7 +27,7 @@ import torch_fidelity
 from torch import nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from digitgen.data import Digits, load_split, md5sum
+from digitgen.data import Digits, load_split
 from digitgen.models import NUM_DIGITS
 from digitgen.params import ClassifierParams, DigitgenError
 from digitgen.train import resolve_device
@@ -159,11 +160,20 @@ class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
         return tuple(provided[name] for name in self.features_list)
 
 
+def weights_hash(checkpoint: dict) -> str:
+    """md5 of the architecture and every weight: the file's own bytes also hold its name (torch.save's archive)."""
+    digest = hashlib.md5(json.dumps(checkpoint["config"], sort_keys=True).encode())
+    for key, tensor in checkpoint["state_dict"].items():
+        digest.update(key.encode())
+        digest.update(tensor.cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def register_feature_extractor(path: Path) -> str:
-    """Register the classifier at `path` with torch-fidelity (once per process) and return its name."""
-    name = f"digitgen-classifier-{md5sum(Path(path))[:12]}"
+    """Register the classifier at `path` with torch-fidelity (once per process per weights) and return its name."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    name = f"digitgen-classifier-{weights_hash(checkpoint)[:12]}"
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         torch_fidelity.register_feature_extractor(
             name, type(f"ClassifierFeatures_{name[-12:]}", (ClassifierFeatures,), {"checkpoint": checkpoint}))
     return name
