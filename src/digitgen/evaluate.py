@@ -110,8 +110,7 @@ def inception_weights(configured: str | None) -> tuple[Path | None, str]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if cached.is_file():
         return cached, ""
-    return None, (f"no Inception weights: evaluate.inception_weights is null and {cached} is absent "
-                  "(they cannot be downloaded on these machines)")
+    return None, f"no Inception weights: evaluate.inception_weights is null and {cached} is absent"
 
 
 def register_inception(path: Path) -> str:
@@ -265,34 +264,59 @@ def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: P
     return reference
 
 
+@dataclass
+class ConfigEvaluation:
+    """One configuration's evaluation: its trained seeds, the judge, and the data every seed is scored on."""
+
+    name: str
+    models_dir: Path
+    runs: dict  # runs.json: the MLflow store and each seed's run id
+    judge: Judge
+    train: Digits  # for the fitted sampler
+    test: Digits
+    test_set: ImageSet
+
+    @classmethod
+    def load(cls, params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
+             prepared_dir: Path, cache_root: Path) -> "ConfigEvaluation":
+        runs = read_runs(models_dir)
+        judge = Judge.load(classifier_path, params, cache_root)
+        test = load_split(prepared_dir, "test")
+        return cls(config_name(kind, latent_dim), Path(models_dir), runs, judge, load_split(prepared_dir, "train"),
+                   test, real_set(test, "test"))
+
+    def seeds(self) -> list[str]:
+        return sorted(self.runs["seed_run_ids"], key=int)
+
+    def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor]:
+        """Score one seed's model, log metrics, params (as tags) and samples to its training run; return the
+        metrics and its sample grid."""
+        params, run_id, uri = self.judge.params, self.runs["seed_run_ids"][seed], self.runs.get("tracking_uri")
+        model = load_model(self.models_dir / f"seed{seed}.pt").to(self.judge.device)
+        metrics, images = evaluate_seed(model, self.judge, self.train, self.test, self.test_set)
+        grid = sample_grid(images, params.grid_columns)
+        tracking.log_metrics_to_run(run_id, metrics, uri, tracking.flatten({"evaluate": asdict(params)}))
+        title = f"{self.name} seed{seed}: digits 0-9, one per row ({params.sampler} sampler)"
+        tracking.log_figure_to_run(run_id, figures.digit_grid(grid, params.grid_columns, title),
+                                   "evaluation_samples.png", uri)
+        return metrics, grid
+
+
 def run_evaluate(params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
                  prepared_dir: Path, out_dir: Path, cache_root: Path) -> dict:
     """Stage `evaluate`: every seed of one configuration; metrics to JSON and to each seed's training run."""
-    name, models_dir = config_name(kind, latent_dim), Path(models_dir)
-    runs = read_runs(models_dir)
-    judge = Judge.load(classifier_path, params, cache_root)
-    train, test = load_split(prepared_dir, "train"), load_split(prepared_dir, "test")
-    test_set = real_set(test, "test")
-    tags = tracking.flatten({"evaluate": asdict(params)})
-    seeds, grids = {}, []
-    for seed, run_id in sorted(runs["seed_run_ids"].items(), key=lambda item: int(item[0])):
+    evaluation = ConfigEvaluation.load(params, kind, latent_dim, models_dir, classifier_path, prepared_dir, cache_root)
+    name, seeds, grids = evaluation.name, {}, []
+    for seed in evaluation.seeds():
         started = time.perf_counter()
-        model = load_model(models_dir / f"seed{seed}.pt").to(judge.device)
-        metrics, images = evaluate_seed(model, judge, train, test, test_set)
-        grid = sample_grid(images, params.grid_columns)
-        tracking.log_metrics_to_run(run_id, metrics, runs.get("tracking_uri"), tags)
-        tracking.log_figure_to_run(run_id, figures.digit_grid(grid, params.grid_columns, f"{name} seed{seed}: "
-                                   f"digits 0-9, one per row ({params.sampler} sampler)"),
-                                   "evaluation_samples.png", runs.get("tracking_uri"))
-        seeds[seed] = metrics
+        seeds[seed], grid = evaluation.evaluate(seed)
         grids.append(grid)
-        print(f"{name} seed{seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        print(f"{name} seed{seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in seeds[seed].items())
               + f" ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
     result = {"config": name, "sampler": params.sampler, "n_generated": params.n_generated, "seeds": seeds,
-              "skipped": judge.skipped}
-    out_dir = Path(out_dir)
-    write_json(result, out_dir / f"{name}.json")
+              "skipped": evaluation.judge.skipped}
+    write_json(result, Path(out_dir) / f"{name}.json")
     figures.save_figure(figures.digit_grid(torch.cat(grids), params.grid_columns,
                                            f"{name} ({params.sampler} sampler): digits 0-9 per row, seed after seed"),
-                        out_dir / f"{name}-samples.png")
+                        Path(out_dir) / f"{name}-samples.png")
     return result
