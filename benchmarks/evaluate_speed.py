@@ -5,8 +5,8 @@
 Without --classifier it trains one (the classifier stage, timed). Without --models it trains each kind
 for one epoch (the train stage, untimed; evaluation costs the same for any weights) into a temporary
 MLflow store. Seed evaluations run after the reference stage has cached the test set's statistics,
-and include logging to MLflow. Everything is written under a temporary folder; params come from
---params (default params.yaml).
+and include logging to MLflow (with --models, to those models' runs, as the stage would). Everything
+else is written under a temporary folder; params come from --params (default params.yaml).
 """
 
 from __future__ import annotations

@@ -40,6 +40,8 @@ class ClassifierError(DigitgenError):
 
 
 class DigitClassifier(nn.Module):
+    """LeNet-like: conv blocks, then the feature layer FID compares, then the logits IS reads."""
+
     def __init__(self, channels: list[int], kernel_size: int, feature_dim: int):
         super().__init__()
         self.config = {"channels": list(channels), "kernel_size": kernel_size, "feature_dim": feature_dim}
@@ -82,10 +84,10 @@ def save_classifier(model: DigitClassifier, path: Path) -> None:
     torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
 
 
-def load_classifier(path: Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
+def load_classifier(path: Path) -> DigitClassifier:
     if not Path(path).is_file():
         raise ClassifierError(f"{path} not found; run `dvc repro classifier` (or `digitgen classifier`) first")
-    blob = torch.load(path, map_location=map_location, weights_only=True)
+    blob = torch.load(path, map_location="cpu", weights_only=True)
     model = DigitClassifier(**blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
@@ -100,7 +102,8 @@ def fit(model: DigitClassifier, train: Digits, params: ClassifierParams, device:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, params.lr, total_steps=params.epochs * n_batches)
     model.train()
     for epoch in range(1, params.epochs + 1):
-        started, order = time.perf_counter(), torch.randperm(len(labels), generator=stream).to(device)
+        started = time.perf_counter()
+        order = torch.randperm(len(labels), generator=stream).to(device)
         for b in range(n_batches):
             idx = order[b * params.batch_size : (b + 1) * params.batch_size]
             loss = F.cross_entropy(model(images[idx])[1], labels[idx])

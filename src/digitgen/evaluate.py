@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import NUM_DIGITS, JointAutoencoder, load_model
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, JointAutoencoder, load_model
 from digitgen.params import DigitgenError, EvaluateParams
 from digitgen.train import config_name, resolve_device
 
@@ -66,7 +66,8 @@ class EvaluateError(DigitgenError):
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Float images in [0, 1] (N x 784 or N x 28 x 28) -> uint8 N x 1 x 28 x 28, MNIST's own format."""
-    return images.detach().reshape(-1, 1, 28, 28).mul(255).round().clamp(0, 255).to(torch.uint8).cpu()
+    side = classifier.IMAGE_SIDE
+    return images.detach().reshape(-1, 1, side, side).mul(255).round().clamp(0, 255).to(torch.uint8).cpu()
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,9 @@ class Judge:
                 isc=isc, fid=reference is not None, feature_extractor=extractor.name,
                 feature_extractor_weights_path=extractor.weights_path, isc_splits=self.params.is_splits,
                 batch_size=self.params.batch_size, cuda=self.device.type == "cuda", rng_seed=self.params.seed,
-                cache_root=str(self.cache_root), save_cpu_ram=True, verbose=False, **kwargs)
+                cache_root=str(self.cache_root), verbose=False, **kwargs,
+                samples_shuffle=True,  # IS splits must mix digits: generated images come grouped by digit
+                save_cpu_ram=True)  # no DataLoader worker processes: the images are already in memory
             if isc:
                 metrics[f"inception_score{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_ISC_MEAN]
                 metrics[f"inception_score{extractor.suffix}_std"] = got[torch_fidelity.KEY_METRIC_ISC_STD]
@@ -235,8 +238,8 @@ def evaluate_seed(model: JointAutoencoder, judge: Judge, train: Digits, test: Di
 
 def sample_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     """The first `columns` images of each digit, one row per digit, as floats in [0, 1]."""
-    per_digit = images.reshape(NUM_DIGITS, -1, 28 * 28)[:, :columns]
-    return per_digit.reshape(-1, 28 * 28).float().div(255.0)
+    per_digit = images.reshape(NUM_DIGITS, -1, IMAGE_DIM)[:, :columns]
+    return per_digit.reshape(-1, IMAGE_DIM).float().div(255.0)
 
 
 def read_runs(models_dir: Path) -> dict:

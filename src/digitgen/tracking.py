@@ -156,8 +156,8 @@ def _client_for_run(run_id: str, uri: str | None) -> MlflowClient:
     try:
         client.get_run(run_id)
     except MlflowException:
-        raise TrackingError(f"run {run_id} is not in the MLflow store {client.tracking_uri}; point MLFLOW_TRACKING_URI "
-                            "(or runs.json's tracking_uri) at the store that trained the model, or train again") from None
+        raise TrackingError(f"run {run_id} is not in the MLflow store {client.tracking_uri}; restore the store that "
+                            "trained the model (runs.json's tracking_uri) or train the configuration again") from None
     return client
 
 
