@@ -72,8 +72,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ImageSet(Dataset):
-    """uint8 images N x 1 x 28 x 28 as torch-fidelity reads them. Real sets carry a cache name (built from
-    their file's hash) so their features are computed once; generated sets carry none and are never cached."""
+    """uint8 images N x 1 x 28 x 28 as torch-fidelity reads them. Real sets carry a cache name (holding a hash
+    of their pixels) so their features are computed once; generated sets carry none and are never cached."""
 
     images: torch.Tensor
     cache_name: str | None = None
