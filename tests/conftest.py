@@ -44,14 +44,18 @@ def mnist_subset(mnist_dir) -> dict[str, Digits]:
     }
 
 
+def save_prepared(splits: dict[str, Digits], out: Path) -> Path:
+    """Splits saved the way the split stage saves them."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, digits in splits.items():
+        digits.save(out / f"{name}.pt")
+    return out
+
+
 @pytest.fixture
 def prepared_dir(tmp_path, mnist_subset) -> Path:
     """mnist_subset saved the way the split stage saves it."""
-    out = tmp_path / "prepared"
-    out.mkdir()
-    for name, digits in mnist_subset.items():
-        digits.save(out / f"{name}.pt")
-    return out
+    return save_prepared(mnist_subset, tmp_path / "prepared")
 
 
 @pytest.fixture
@@ -73,6 +77,10 @@ def make_params(**sections):
                   "input_modes": {"image_digit": 1, "image": 1, "digit": 1}},
         "tracking": {"experiment": "digitgen-test"},
         "registry": {"model_name": "digitgen-test", "champion_metric": "fid"},
+        "classifier": {"seed": 0, "epochs": 8, "batch_size": 32, "lr": 0.003, "channels": [8, 16], "kernel_size": 5,
+                       "feature_dim": 32, "min_test_accuracy": 0.5, "device": "cpu"},
+        "evaluate": {"n_generated": 200, "sampler": "study", "is_splits": 2, "batch_size": 100, "seed": 0,
+                     "inception_weights": None, "grid_columns": 4, "device": "cpu"},
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -111,6 +119,17 @@ def trained_models(tmp_path_factory, mnist_subset) -> dict[str, Trained]:
                              root / "histories" / kind, root / "checkpoints" / kind)
             trained[kind] = Trained(root / "models" / kind / "seed0.pt", runs["seed_run_ids"]["0"], uri)
     return trained
+
+
+@pytest.fixture(scope="session")
+def trained_classifier(tmp_path_factory, mnist_subset) -> Path:
+    """The classifier stage run at test size on mnist_subset (about 98% test accuracy); its weights' path."""
+    from digitgen.classifier import run_classifier
+
+    root = tmp_path_factory.mktemp("classifier")
+    run_classifier(make_params().classifier, save_prepared(mnist_subset, root / "prepared"), root / "classifier.pt",
+                   root / "classifier.json")
+    return root / "classifier.pt"
 
 
 @pytest.fixture(autouse=True)

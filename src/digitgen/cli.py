@@ -79,6 +79,27 @@ def _model_argument(p: argparse.ArgumentParser) -> None:
     p.set_defaults(needs_params=False)  # usable outside the repository: no params.yaml needed
 
 
+def _classifier(args, params) -> None:
+    from digitgen.classifier import run_classifier
+
+    print(json.dumps(run_classifier(params.classifier, args.data, args.out, args.metrics)))
+
+
+def _reference(args, params) -> None:
+    from digitgen.evaluate import run_reference
+
+    print(json.dumps(run_reference(params.evaluate, args.classifier, args.data, args.out, args.cache)))
+
+
+def _evaluate(args, params) -> None:
+    from digitgen.evaluate import run_evaluate
+    from digitgen.train import config_name
+
+    name = config_name(args.model, args.latent_dim)
+    run_evaluate(params.evaluate, args.model, args.latent_dim, args.models or Path("models") / name,
+                 args.classifier, args.data, args.out, args.cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitgen", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -141,6 +162,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, nargs="+", help=images_help)
     p.add_argument("--labels", type=int, nargs="+", required=True, help="one digit per image")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("classifier", help="stage classifier: the separate CNN that judges generated digits")
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--out", type=Path, default=Path("models/classifier.pt"))
+    p.add_argument("--metrics", type=Path, default=Path("results/classifier.json"))
+    p.set_defaults(func=_classifier)
+
+    fidelity_cache = "torch-fidelity's cache of real-data features (default: fidelity_cache)"
+    p = sub.add_parser("reference", help="stage reference: the metrics of real digits (floor and ceiling)")
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
+    p.add_argument("--out", type=Path, default=Path("results/reference.json"))
+    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"), help=fidelity_cache)
+    p.set_defaults(func=_reference)
+
+    p = sub.add_parser("evaluate", help="stage evaluate: the study's metrics for every seed of one configuration")
+    p.add_argument("--model", required=True, choices=MODEL_KINDS)
+    p.add_argument("--latent-dim", type=int, required=True)
+    p.add_argument("--models", type=Path, help="default: models/<model>-<latent_dim>")
+    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--out", type=Path, default=Path("results/evaluation"))
+    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"), help=fidelity_cache)
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -101,8 +101,66 @@ class TrainParams:
             _require(mode in INPUT_MODES, "input_modes", f"keys among {', '.join(INPUT_MODES)}", mode)
         _require(all(w >= 0 for w in self.input_modes.values()) and sum(self.input_modes.values()) > 0,
                  "input_modes", "non-negative weights with a positive sum", self.input_modes)
-        _require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-                 "auto, cpu, cuda, cuda:N or mps", self.device)
+        _require_device(self.device)
+
+
+def _require_device(device: str) -> None:
+    _require(device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
+             "auto, cpu, cuda, cuda:N or mps", device)
+
+
+@dataclass(frozen=True)
+class ClassifierParams:
+    """The separate classifier (a LeNet-like CNN) that judges generated digits and gives FID/IS their features."""
+
+    seed: int = 0
+    epochs: int = 4
+    batch_size: int = 256
+    lr: float = 0.003  # the peak of a one-cycle schedule
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # one conv+pool block per entry
+    kernel_size: int = 5
+    feature_dim: int = 128  # the penultimate layer: FID's feature space
+    min_test_accuracy: float = 0.99  # below this the stage fails: a weaker judge would blur every metric
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "epochs", "a positive integer", self.epochs)
+        _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _require(self.lr > 0, "lr", "a positive number", self.lr)
+        # each block halves the 28-pixel side; three blocks leave 3 x 3
+        _require(1 <= len(self.channels) <= 3 and all(c > 0 for c in self.channels), "channels",
+                 "a list of 1 to 3 positive integers", self.channels)
+        _require(self.kernel_size > 0 and self.kernel_size % 2 == 1, "kernel_size",
+                 "a positive odd integer (padding keeps the image size)", self.kernel_size)
+        _require(self.feature_dim > 0, "feature_dim", "a positive integer", self.feature_dim)
+        _require(0 <= self.min_test_accuracy <= 1, "min_test_accuracy", "in 0..1", self.min_test_accuracy)
+        _require_device(self.device)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """How every trained seed is scored: the study's five metrics and the reference points beside them."""
+
+    n_generated: int = 10_000  # images generated from labels alone, equally many per digit (the study: 1,000 in all)
+    sampler: str = "study"
+    is_splits: int = 10  # Inception Score: mean and std over this many splits
+    batch_size: int = 1000
+    seed: int = 0  # generation noise and IS split shuffling; the same for every seed (common random numbers)
+    inception_weights: str | None = None  # torch-fidelity's Inception file; else the torch hub cache; else skipped
+    grid_columns: int = 10  # samples per digit in the sample grid
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _require(self.n_generated >= 10 and self.n_generated % 10 == 0, "n_generated",
+                 "a positive multiple of 10 (equally many images per digit)", self.n_generated)
+        _require(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", self.sampler)
+        _require(1 <= self.is_splits <= self.n_generated, "is_splits", "in 1..n_generated", self.is_splits)
+        _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
+        _require(self.inception_weights is None or bool(self.inception_weights.strip()), "inception_weights",
+                 "a path or null", self.inception_weights)
+        _require(1 <= self.grid_columns <= self.n_generated // 10, "grid_columns", "in 1..n_generated/10",
+                 self.grid_columns)
+        _require_device(self.device)
 
 
 @dataclass(frozen=True)
@@ -175,6 +233,8 @@ class Params:
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    classifier: ClassifierParams = field(default_factory=ClassifierParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
 
 def _type_name(tp: object) -> str:

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -21,7 +22,7 @@ import mlflow.pyfunc
 import mlflow.pytorch
 import pandas as pd
 import torch
-from mlflow.entities import RunStatus
+from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
@@ -29,6 +30,8 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from digitgen import generate
 from digitgen.models import save_model
+
+from digitgen.params import DigitgenError
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -263,12 +266,38 @@ def register_champion(run_id: str, model_name: str) -> str:
     return version.version
 
 
-def log_metrics_to_run(run_id: str, metrics: dict[str, float]) -> None:
-    """Log metrics to an existing (finished) run, e.g. evaluation results to the seed's training run."""
-    mlflow.set_tracking_uri(tracking_uri())
-    client = MlflowClient()
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, value)
+class TrackingError(DigitgenError):
+    """A run that evaluation must log to is not in the store; the message names the store and the fix."""
+
+
+def _client_for_run(run_id: str, uri: str | None) -> MlflowClient:
+    """A client of the store at `uri` (default: ours), checked to hold the run."""
+    client = MlflowClient(uri or tracking_uri())
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        raise TrackingError(f"run {run_id} is not in the MLflow store {client.tracking_uri}; restore the store that "
+                            "trained the model (runs.json's tracking_uri) or train the configuration again") from None
+    return client
+
+
+def log_metrics_to_run(run_id: str, metrics: dict[str, float], uri: str | None = None,
+                       tags: dict[str, str] | None = None) -> None:
+    """Log metrics (and tags) to an existing (finished) run, e.g. evaluation results to the seed's training run.
+
+    uri: the store that holds the run (the tracking_uri recorded in runs.json); default: `tracking_uri()`.
+    """
+    client = _client_for_run(run_id, uri)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
+                     tags=[RunTag(key, value) for key, value in (tags or {}).items()])
+
+
+def log_figure_to_run(run_id: str, figure, filename: str, uri: str | None = None) -> None:
+    """Log a figure as an artifact of an existing run (closing it), e.g. generated samples beside their metrics."""
+    client = _client_for_run(run_id, uri)
+    client.log_figure(run_id, figure, filename)
+    plt.close(figure)
 
 
 def log_summary(experiment: str, table, files: list[Path]) -> str:

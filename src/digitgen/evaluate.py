@@ -1,0 +1,325 @@
+"""The study's five metrics for every trained seed, and the reference points beside them.
+
+For each seed's model (stage `evaluate`, one configuration per run):
+- gen_accuracy: images generated from labels alone, the fraction the separate classifier assigns to
+  the conditioning digit;
+- fid: Frechet distance between those images and the test images, in the classifier's feature space;
+- inception_score (and its std over splits): from the classifier's logits on those images;
+- classification_accuracy: the model's own digit head on the test images, image-only input;
+- reconstruction_error: BCE summed over the 784 pixels, mean over the test images, with image+digit
+  input (the study's) and with the image only (reconstruction_error_image_only).
+FID and IS go through torch-fidelity with the classifier registered as its feature extractor; with
+Inception weights at hand they are also computed in Inception's space (fid_inception, ...).
+
+Generated images are quantised to uint8, as a saved PNG would be, and every metric sees all of them:
+a CAE generating the study's way (the digit-only path) draws one image per digit, and FID (the
+generated covariance collapses) and distinct_fraction show that, where IS, which only asks whether
+each image is a confident, class-balanced digit, cannot.
+
+Stage `reference` computes the same numbers once for real digits: the test images taken as a
+"generator" (gen_accuracy is then the classifier's test accuracy, IS the ceiling near 10) and FID of
+the validation images against the test images (the real-data floor).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torch_fidelity
+from torch.utils.data import Dataset
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+from digitgen import classifier, figures, tracking
+from digitgen.data import Digits, load_split, md5sum
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, JointAutoencoder, load_model
+from digitgen.params import DigitgenError, EvaluateParams
+from digitgen.train import config_name, resolve_device
+
+# Every metric and which way is better: the one declaration that aggregate and the CI gate read.
+# The *_std values written beside the Inception Scores are spreads over splits, not metrics.
+METRICS = {
+    "gen_accuracy": "higher",
+    "fid": "lower",
+    "inception_score": "higher",
+    "classification_accuracy": "higher",
+    "reconstruction_error": "lower",
+    "reconstruction_error_image_only": "lower",
+    "distinct_fraction": "higher",  # distinct generated images / all: what IS cannot see
+    "fid_inception": "lower",  # only where Inception weights are available
+    "inception_score_inception": "higher",
+}
+INCEPTION_METRICS = ("fid_inception", "inception_score_inception")
+
+
+class EvaluateError(DigitgenError):
+    """Missing inputs for evaluation; the message names the file and the fix."""
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (N x 784 or N x 28 x 28) -> uint8 N x 1 x 28 x 28, MNIST's own format."""
+    side = classifier.IMAGE_SIDE
+    return images.detach().reshape(-1, 1, side, side).mul(255).round().clamp(0, 255).to(torch.uint8).cpu()
+
+
+@dataclass(frozen=True)
+class ImageSet(Dataset):
+    """uint8 images N x 1 x 28 x 28 as torch-fidelity reads them. Real sets carry a cache name (holding a hash
+    of their pixels) so their features are computed once; generated sets carry none and are never cached."""
+
+    images: torch.Tensor
+    cache_name: str | None = None
+    channels: int = 1  # Inception reads RGB
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i].expand(self.channels, -1, -1)
+
+
+def real_set(digits: Digits, name: str) -> ImageSet:
+    """A set of real digits, cached by torch-fidelity under a name holding a hash of its pixels."""
+    digest = hashlib.md5(digits.images.numpy().tobytes()).hexdigest()[:12]
+    return ImageSet(digits.images.unsqueeze(1), f"digitgen-{name}-{digest}")
+
+
+class Extractor(NamedTuple):
+    """A torch-fidelity feature extractor and the suffix its metrics carry ("" for the classifier)."""
+
+    suffix: str
+    name: str
+    weights_path: str | None
+    channels: int
+
+
+def inception_weights(configured: str | None) -> tuple[Path | None, str]:
+    """Where Inception's weights are (params' path, else torch hub's cache), or None and why not."""
+    if configured is not None:
+        if not Path(configured).is_file():
+            raise EvaluateError(f"evaluate.inception_weights: {configured} not found; point it at torch-fidelity's "
+                                f"{Path(URL_INCEPTION_V3).name} or set it to null")
+        return Path(configured), ""
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
+    if cached.is_file():
+        return cached, ""
+    return None, f"no Inception weights: evaluate.inception_weights is null and {cached} is absent"
+
+
+def register_inception(path: Path) -> str:
+    """torch-fidelity's Inception under a name holding its weights' hash: its cache is keyed by name alone."""
+    name = f"inception-v3-compat-{md5sum(path)[:12]}"
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(name, FeatureExtractorInceptionV3)
+    return name
+
+
+@dataclass
+class Judge:
+    """What scores images: the classifier (its logits directly, its features through torch-fidelity) and,
+    where its weights exist, Inception."""
+
+    classifier: classifier.DigitClassifier
+    extractors: list[Extractor]
+    skipped: dict[str, str]  # metric -> why it was not computed
+    params: EvaluateParams
+    cache_root: Path
+    device: torch.device
+
+    @classmethod
+    def load(cls, classifier_path: Path, params: EvaluateParams, cache_root: Path) -> "Judge":
+        device = resolve_device(params.device)
+        model = classifier.load_classifier(classifier_path).to(device)
+        extractors = [Extractor("", classifier.register_feature_extractor(classifier_path), None, 1)]
+        weights, why = inception_weights(params.inception_weights)
+        if weights is not None:
+            extractors.append(Extractor("_inception", register_inception(weights), str(weights), 3))
+        skipped = {} if weights is not None else {metric: why for metric in INCEPTION_METRICS}
+        return cls(model, extractors, skipped, params, Path(cache_root), device)
+
+    def fidelity(self, images: ImageSet, reference: ImageSet | None = None, isc: bool = True) -> dict[str, float]:
+        """IS of `images` and, given a reference set, FID against it, with every extractor."""
+        metrics = {}
+        for extractor in self.extractors:
+            kwargs = {}
+            if reference is not None:
+                kwargs = {"input2": replace(reference, channels=extractor.channels),
+                          "input2_cache_name": reference.cache_name}
+            got = torch_fidelity.calculate_metrics(
+                input1=replace(images, channels=extractor.channels), input1_cache_name=images.cache_name,
+                isc=isc, fid=reference is not None, feature_extractor=extractor.name,
+                feature_extractor_weights_path=extractor.weights_path, isc_splits=self.params.is_splits,
+                batch_size=self.params.batch_size, cuda=self.device.type == "cuda", rng_seed=self.params.seed,
+                cache_root=str(self.cache_root), verbose=False, **kwargs,
+                samples_shuffle=True,  # IS splits must mix digits: generated images come grouped by digit
+                save_cpu_ram=True)  # no DataLoader worker processes: the images are already in memory
+            if isc:
+                metrics[f"inception_score{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_ISC_MEAN]
+                metrics[f"inception_score{extractor.suffix}_std"] = got[torch_fidelity.KEY_METRIC_ISC_STD]
+            if reference is not None:
+                metrics[f"fid{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_FID]
+        return metrics
+
+    def generation_metrics(self, images: torch.Tensor, digits: torch.Tensor,
+                           reference: ImageSet | None) -> dict[str, float]:
+        """gen_accuracy, distinct_fraction, IS and (given a reference) FID of uint8 images drawn for `digits`."""
+        predicted = self.classifier.logits(images, self.params.batch_size).argmax(1)
+        metrics = {"gen_accuracy": (predicted == digits).sum().item() / len(digits),
+                   "distinct_fraction": len(torch.unique(images.flatten(1), dim=0)) / len(images)}
+        metrics.update(self.fidelity(ImageSet(images), reference))
+        return metrics
+
+
+def fitted_latents(model: JointAutoencoder, train: Digits, digits: torch.Tensor,
+                   generator: torch.Generator) -> torch.Tensor:
+    """Latents drawn per digit from a Gaussian fitted to that digit's training latents (image+digit input).
+
+    For the CVAE each training image contributes one posterior draw, so the fit matches the aggregate
+    posterior rather than only its means. The covariance's square root comes from its eigendecomposition,
+    which tolerates the near-singular covariances a CAE's latents can have.
+    """
+    device = next(model.parameters()).device
+    mu, logvar = model.encode(train.float_images().to(device), train.labels.to(device))
+    z_train = model.latent(mu, logvar, torch.randn(mu.shape, generator=generator).to(device)).cpu()
+    z = torch.empty(len(digits), z_train.shape[1])
+    for digit in range(NUM_DIGITS):
+        mine, chosen = z_train[train.labels == digit], digits == digit
+        eigenvalues, eigenvectors = torch.linalg.eigh(torch.cov(mine.T))
+        root = eigenvectors * eigenvalues.clamp(min=0).sqrt()  # root @ root.T == covariance
+        z[chosen] = mine.mean(0) + torch.randn(int(chosen.sum()), z.shape[1], generator=generator) @ root.T
+    return z.to(device)
+
+
+@torch.no_grad()
+def generate(model: JointAutoencoder, digits: torch.Tensor, sampler: str, train: Digits,
+             generator: torch.Generator) -> torch.Tensor:
+    """Images N x 784 in [0, 1] from digits alone. study: the digit-only path (CVAE z = mu + sigma * noise,
+    the CAE deterministic); fitted: latents from `fitted_latents`."""
+    device = next(model.parameters()).device
+    if sampler == "fitted":
+        return model.decoder(fitted_latents(model, train, digits, generator))[0].sigmoid()
+    noise = torch.randn(len(digits), model.config.latent_dim, generator=generator).to(device)
+    return model.generate(digits.to(device), noise)
+
+
+@torch.no_grad()
+def model_metrics(model: JointAutoencoder, test: Digits) -> dict[str, float]:
+    """The model's own digit head and reconstructions on the test images."""
+    device = next(model.parameters()).device
+    images, labels = test.float_images().to(device), test.labels.to(device)
+
+    def bce(reconstructed: torch.Tensor) -> float:
+        return F.binary_cross_entropy(reconstructed, images, reduction="none").sum(1).mean().item()
+
+    return {"classification_accuracy": (model.classify(images).argmax(1) == labels).sum().item() / len(labels),
+            "reconstruction_error": bce(model.reconstruct(images, labels)[0]),
+            "reconstruction_error_image_only": bce(model.reconstruct(images)[0])}
+
+
+def evaluate_seed(model: JointAutoencoder, judge: Judge, train: Digits, test: Digits,
+                  test_set: ImageSet) -> tuple[dict[str, float], torch.Tensor]:
+    """Every metric of one trained model, and its generated images (uint8, grouped by digit)."""
+    params = judge.params
+    digits = torch.arange(NUM_DIGITS).repeat_interleave(params.n_generated // NUM_DIGITS)
+    generator = torch.Generator().manual_seed(params.seed)
+    images = to_uint8(generate(model, digits, params.sampler, train, generator))
+    metrics = judge.generation_metrics(images, digits, test_set)
+    metrics.update(model_metrics(model, test))
+    return metrics, images
+
+
+def sample_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """The first `columns` images of each digit, one row per digit, as floats in [0, 1]."""
+    per_digit = images.reshape(NUM_DIGITS, -1, IMAGE_DIM)[:, :columns]
+    return per_digit.reshape(-1, IMAGE_DIM).float().div(255.0)
+
+
+def read_runs(models_dir: Path) -> dict:
+    path = Path(models_dir) / "runs.json"
+    if not path.is_file():
+        raise EvaluateError(f"{path} not found; train this configuration first (`dvc repro train@{Path(models_dir).name}`)")
+    return json.loads(path.read_text())
+
+
+def write_json(data: dict, path: Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path,
+                  cache_root: Path) -> dict:
+    """Stage `reference`: the metrics of real digits, once, and the test set's cached features."""
+    judge = Judge.load(classifier_path, params, cache_root)
+    test = load_split(prepared_dir, "test")
+    test_set = real_set(test, "test")
+    reference = judge.generation_metrics(test_set.images, test.labels, None)
+    reference.update(judge.fidelity(real_set(load_split(prepared_dir, "val"), "val"), test_set, isc=False))
+    reference["skipped"] = judge.skipped
+    write_json(reference, out_path)
+    return reference
+
+
+@dataclass
+class ConfigEvaluation:
+    """One configuration's evaluation: its trained seeds, the judge, and the data every seed is scored on."""
+
+    name: str
+    models_dir: Path
+    runs: dict  # runs.json: the MLflow store and each seed's run id
+    judge: Judge
+    train: Digits  # for the fitted sampler
+    test: Digits
+    test_set: ImageSet
+
+    @classmethod
+    def load(cls, params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
+             prepared_dir: Path, cache_root: Path) -> "ConfigEvaluation":
+        runs = read_runs(models_dir)
+        judge = Judge.load(classifier_path, params, cache_root)
+        test = load_split(prepared_dir, "test")
+        return cls(config_name(kind, latent_dim), Path(models_dir), runs, judge, load_split(prepared_dir, "train"),
+                   test, real_set(test, "test"))
+
+    def seeds(self) -> list[str]:
+        return sorted(self.runs["seed_run_ids"], key=int)
+
+    def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor]:
+        """Score one seed's model, log metrics, params (as tags) and samples to its training run; return the
+        metrics and its sample grid."""
+        params, run_id, uri = self.judge.params, self.runs["seed_run_ids"][seed], self.runs.get("tracking_uri")
+        model = load_model(self.models_dir / f"seed{seed}.pt").to(self.judge.device)
+        metrics, images = evaluate_seed(model, self.judge, self.train, self.test, self.test_set)
+        grid = sample_grid(images, params.grid_columns)
+        tracking.log_metrics_to_run(run_id, metrics, uri, tracking.flatten({"evaluate": asdict(params)}))
+        title = f"{self.name} seed{seed}: digits 0-9, one per row ({params.sampler} sampler)"
+        tracking.log_figure_to_run(run_id, figures.digit_grid(grid, params.grid_columns, title),
+                                   "evaluation_samples.png", uri)
+        return metrics, grid
+
+
+def run_evaluate(params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
+                 prepared_dir: Path, out_dir: Path, cache_root: Path) -> dict:
+    """Stage `evaluate`: every seed of one configuration; metrics to JSON and to each seed's training run."""
+    evaluation = ConfigEvaluation.load(params, kind, latent_dim, models_dir, classifier_path, prepared_dir, cache_root)
+    name, seeds, grids = evaluation.name, {}, []
+    for seed in evaluation.seeds():
+        started = time.perf_counter()
+        seeds[seed], grid = evaluation.evaluate(seed)
+        grids.append(grid)
+        print(f"{name} seed{seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in seeds[seed].items())
+              + f" ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+    result = {"config": name, "sampler": params.sampler, "n_generated": params.n_generated, "seeds": seeds,
+              "skipped": evaluation.judge.skipped}
+    write_json(result, Path(out_dir) / f"{name}.json")
+    figures.save(figures.digit_grid(torch.cat(grids), params.grid_columns,
+                                    f"{name} ({params.sampler} sampler): digits 0-9 per row, seed after seed"),
+                 Path(out_dir) / f"{name}-samples.png")
+    return result

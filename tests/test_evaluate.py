@@ -1,0 +1,139 @@
+"""The study's metrics: what FID, IS and gen_accuracy say about known image sets, and where results land."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from digitgen.cli import main
+from digitgen.evaluate import (INCEPTION_METRICS, METRICS, EvaluateError, ImageSet, Judge, evaluate_seed, generate,
+                               real_set, run_evaluate, run_reference, to_uint8)
+from digitgen.models import load_model
+from digitgen.train import run_train
+
+from conftest import REPO, make_params, save_prepared
+
+
+@pytest.fixture(autouse=True)
+def _no_inception(tmp_path, monkeypatch):
+    """Inception weights are never there, whatever the machine's torch hub cache holds."""
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+
+@pytest.fixture
+def judge(trained_classifier, tmp_path) -> Judge:
+    return Judge.load(trained_classifier, make_params().evaluate, tmp_path / "fidelity_cache")
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_against_black_images_large(judge, mnist_subset):
+    test, val = ImageSet(mnist_subset["test"].images.unsqueeze(1)), ImageSet(mnist_subset["val"].images.unsqueeze(1))
+    black = ImageSet(torch.zeros_like(test.images))
+    floor = judge.fidelity(val, test, isc=False)["fid"]
+    assert judge.fidelity(test, test, isc=False)["fid"] == pytest.approx(0, abs=1e-3)
+    assert judge.fidelity(black, test, isc=False)["fid"] > 20 * floor
+
+
+def test_inception_score_of_one_class_is_one_and_of_all_digits_near_ten(judge, mnist_subset):
+    test = mnist_subset["test"]
+    ones = ImageSet(test.images[test.labels == 1].unsqueeze(1))
+    assert judge.fidelity(ones)["inception_score"] == pytest.approx(1.0, abs=0.1)
+    assert judge.fidelity(ImageSet(test.images.unsqueeze(1)))["inception_score"] > 5
+
+
+def test_gen_accuracy_of_a_generator_drawing_real_digits_is_the_classifier_accuracy(judge, mnist_subset):
+    test = mnist_subset["test"]
+    metrics = judge.generation_metrics(test.images.unsqueeze(1), test.labels, None)
+    assert metrics["gen_accuracy"] == judge.classifier.accuracy(test, 100)
+    assert metrics["distinct_fraction"] == 1.0
+
+
+def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(trained_classifier, prepared_dir, tmp_path,
+                                                                           mnist_subset):
+    reference = run_reference(make_params().evaluate, trained_classifier, prepared_dir, tmp_path / "reference.json",
+                              tmp_path / "cache")
+    assert json.loads((tmp_path / "reference.json").read_text()) == reference
+    assert reference["gen_accuracy"] == pytest.approx(json.loads(
+        (trained_classifier.parent / "classifier.json").read_text())["test_accuracy"])
+    assert 0 < reference["fid"] < 50  # validation vs test images: the real-data floor
+    assert set(reference["skipped"]) == set(INCEPTION_METRICS)
+    assert all("no Inception weights" in why for why in reference["skipped"].values())
+    assert any(p.name.startswith(real_set(mnist_subset["test"], "test").cache_name) for p in (tmp_path / "cache").iterdir())
+
+
+def test_configured_inception_weights_that_are_missing_stop_with_the_key(trained_classifier, tmp_path):
+    params = make_params(evaluate={"inception_weights": str(tmp_path / "inception.pth")}).evaluate
+    with pytest.raises(EvaluateError, match="^evaluate.inception_weights: .* not found"):
+        Judge.load(trained_classifier, params, tmp_path / "cache")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, mnist_subset, trained_classifier):
+    """Two seeds of a tiny CAE, trained into a fresh MLflow store, then evaluated."""
+    root = tmp_path_factory.mktemp("evaluated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        mp.setattr(torch.hub, "get_dir", lambda: str(root / "hub"))
+        params = make_params(train={"epochs": 1, "seeds": [0, 1]})
+        prepared = save_prepared(mnist_subset, root / "prepared")
+        runs = run_train(params, "cae", 4, prepared, root / "models", root / "histories", root / "checkpoints")
+        result = run_evaluate(params.evaluate, "cae", 4, root / "models", trained_classifier, prepared,
+                              root / "results", root / "cache")
+        yield {"root": root, "runs": runs, "result": result, "params": params, "prepared": prepared}
+
+
+def test_metrics_land_on_each_seeds_training_run(evaluated):
+    client, runs = MlflowClient(evaluated["runs"]["tracking_uri"]), evaluated["runs"]
+    seeds = evaluated["result"]["seeds"]
+    assert set(seeds) == {"0", "1"}
+    for seed, metrics in seeds.items():
+        run = client.get_run(runs["seed_run_ids"][seed])
+        assert {k: run.data.metrics[k] for k in metrics} == pytest.approx(metrics)
+        assert run.data.tags["evaluate.sampler"] == "study"
+        assert "evaluation_samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "fid" not in client.get_run(runs["parent_run_id"]).data.metrics
+    written = json.loads((evaluated["root"] / "results" / "cae-4.json").read_text())
+    assert written == evaluated["result"]
+    assert (evaluated["root"] / "results" / "cae-4-samples.png").stat().st_size > 0
+
+
+def test_every_reported_metric_declares_its_direction(evaluated):
+    result = evaluated["result"]
+    for metrics in result["seeds"].values():
+        reported = {k for k in metrics if not k.endswith("_std")}
+        assert reported <= set(METRICS)
+        assert set(METRICS) == reported | set(result["skipped"])
+    assert set(METRICS.values()) == {"higher", "lower"}
+
+
+def test_study_sampler_cae_draws_one_image_per_digit_and_metrics_show_it(evaluated, mnist_subset):
+    """The CAE's digit-only path is deterministic: all its samples of a digit are one image. Every metric sees all
+    200 of them; the fitted sampler gives it variety."""
+    params = evaluated["params"].evaluate
+    model = load_model(evaluated["root"] / "models" / "seed0.pt")
+    digits = torch.arange(10).repeat_interleave(params.n_generated // 10)
+    study = evaluated["result"]["seeds"]["0"]
+    assert study["distinct_fraction"] == 10 / params.n_generated
+    fitted = generate(model, digits, "fitted", mnist_subset["train"], torch.Generator().manual_seed(0))
+    assert len(torch.unique(to_uint8(fitted).flatten(1), dim=0)) == params.n_generated
+
+
+def test_evaluation_is_seeded_from_params(evaluated, trained_classifier, mnist_subset, tmp_path):
+    params = make_params(evaluate={"sampler": "fitted"}).evaluate
+    judge = Judge.load(trained_classifier, params, tmp_path / "cache")
+    model = load_model(evaluated["root"] / "models" / "seed1.pt")
+    test_set = real_set(mnist_subset["test"], "test")
+    first, images = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"], test_set)
+    again, images_again = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"], test_set)
+    assert first == again and torch.equal(images, images_again)
+
+
+def test_cli_reports_an_untrained_configuration_in_one_line(tmp_path, capsys):
+    status = main(["--params", str(REPO / "params.yaml"), "evaluate", "--model", "cae", "--latent-dim", "8",
+                   "--models", str(tmp_path / "cae-8")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and "runs.json not found" in err and "dvc repro train@cae-8" in err
