@@ -20,7 +20,7 @@ from digitgen import figures, tracking
 from digitgen.data import load_split
 from digitgen.evaluate import METRICS
 from digitgen.models import load_model
-from digitgen.params import DigitgenError, Params
+from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
 from digitgen.train import config_name, read_history
 
 # Table 1's five columns, in the study's order and words
@@ -39,9 +39,14 @@ def display_name(config: str) -> str:
     return f"{kind.upper().replace('_', '-')} ({latent_dim})"
 
 
-def configurations(params: Params) -> list[str]:
+def study_configurations(params: Params) -> list[str]:
     """Table 1's rows in the study's order: CAE (8), CVAE (8), CAE (16), ..."""
     return [config_name(kind, d) for d in params.study.latent_dims for kind in params.study.models]
+
+
+def configurations(params: Params) -> list[str]:
+    """The study's rows, then the label-conditioned CVAE's as an extra row."""
+    return study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
 
 
 def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -77,6 +82,17 @@ def best_configs(summary: dict[str, dict[str, dict[str, float]]], metrics=TABLE_
     return best
 
 
+def champion_run(summary, evaluations, candidates: list[str], metric: str, runs_dir: Path) -> tuple[str, str, str]:
+    """(configuration, seed, run id) of the best seed of the best configuration by `metric`."""
+    if metric not in METRICS:
+        raise ParamsError(f"registry.champion_metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    config = best_configs({c: summary[c] for c in candidates}, [metric])[metric]
+    seeds = {seed: values[metric] for seed, values in evaluations[config].items()}
+    seed = (max if METRICS[metric] == "higher" else min)(seeds, key=seeds.get)
+    runs = json.loads((Path(runs_dir) / config / "runs.json").read_text())
+    return config, seed, runs["seed_run_ids"][seed]
+
+
 def paper_table() -> pd.DataFrame:
     with resources.files("digitgen").joinpath("paper_table1.csv").open() as f:
         return pd.read_csv(f, index_col="configuration")
@@ -95,6 +111,9 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
     for config, metrics in summary.items():
         row = {}
         for metric, label in TABLE_COLUMNS.items():
+            if metric not in metrics:  # e.g. the label CVAE's classification accuracy: it has no digit head
+                row.update({label: "n/a", f"{label} (paper)": "-", f"{label} (ours - paper)": "-"})
+                continue
             mean, std = metrics[metric]["mean"], metrics[metric]["std"]
             ours = _fmt(mean, std)
             row[label] = f"**{ours}**" if best[metric] == config else ours
@@ -132,7 +151,8 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
                   out_dir: Path) -> pd.DataFrame:
     configs = configurations(params)
-    summary = summarize(load_evaluations(eval_dir, configs))
+    evaluations = load_evaluations(eval_dir, configs)
+    summary = summarize(evaluations)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -146,4 +166,10 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
                             out_dir / "figures", params.train.seeds[0])
     tracking.log_summary(params.tracking.experiment, frame,
                          [out_dir / "metrics.json", out_dir / "table.md", out_dir / "table.csv", *written])
+    # the champion serves every condition, so it is chosen among the study's joint models
+    config, seed, run_id = champion_run(summary, evaluations, study_configurations(params),
+                                        params.registry.champion_metric, models_dir)
+    version = tracking.register_champion(run_id, params.registry.model_name)
+    print(f"champion by {params.registry.champion_metric}: {config} seed{seed} (run {run_id}) -> "
+          f"models:/{params.registry.model_name}@champion, version {version}")
     return frame

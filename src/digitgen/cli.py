@@ -100,6 +100,18 @@ def _evaluate(args, params) -> None:
                  args.classifier, args.data, args.out, args.cache)
 
 
+def _aggregate(args, params) -> None:
+    from digitgen.aggregate import run_aggregate
+
+    print(run_aggregate(params, args.evaluation, args.histories, args.models, args.data, args.out).to_markdown())
+
+
+def _check_regression(args, params) -> int:
+    from digitgen.regression import run_check_regression
+
+    return 0 if run_check_regression(args.metrics, args.baseline, args.thresholds) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitgen", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -178,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_reference)
 
     p = sub.add_parser("evaluate", help="stage evaluate: the study's metrics for every seed of one configuration")
-    p.add_argument("--model", required=True, choices=MODEL_KINDS)
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
     p.add_argument("--latent-dim", type=int, required=True)
     p.add_argument("--models", type=Path, help="default: models/<model>-<latent_dim>")
     p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
@@ -186,6 +198,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("results/evaluation"))
     p.add_argument("--cache", type=Path, default=Path("fidelity_cache"), help=fidelity_cache)
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("aggregate", help="stage aggregate: mean ± std over seeds, Table 1, figures, the champion")
+    p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"))
+    p.add_argument("--histories", type=Path, default=Path("histories"))
+    p.add_argument("--models", type=Path, default=Path("models"))
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--out", type=Path, default=Path("results"))
+    p.set_defaults(func=_aggregate)
+
+    smoke = Path("pipelines/smoke")
+    p = sub.add_parser("check-regression", help="CI gate: fresh smoke metrics against the committed baseline")
+    p.add_argument("--metrics", type=Path, default=smoke / "results" / "metrics.json")
+    p.add_argument("--baseline", type=Path, default=smoke / "baseline.json")
+    p.add_argument("--thresholds", type=Path, default=smoke / "thresholds.yaml")
+    p.set_defaults(func=_check_regression, needs_params=False)
     return parser
 
 
@@ -193,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params) if getattr(args, "needs_params", True) else None
-        args.func(args, params)
+        status = args.func(args, params)
     except (DigitgenError, FileNotFoundError) as err:
         print(f"digitgen {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -201,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"digitgen {args.command}: interrupted; finished epochs are checkpointed, "
               "run the same command (or `dvc repro`) to resume", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

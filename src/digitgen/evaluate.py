@@ -40,7 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, JointAutoencoder, load_model
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize
 from digitgen.params import DigitgenError, EvaluateParams
 from digitgen.train import config_name, resolve_device
 
@@ -178,7 +178,7 @@ class Judge:
         return metrics
 
 
-def fitted_latents(model: JointAutoencoder, train: Digits, digits: torch.Tensor,
+def fitted_latents(model: Model, train: Digits, digits: torch.Tensor,
                    generator: torch.Generator) -> torch.Tensor:
     """Latents drawn per digit from a Gaussian fitted to that digit's training latents (image+digit input).
 
@@ -188,7 +188,7 @@ def fitted_latents(model: JointAutoencoder, train: Digits, digits: torch.Tensor,
     """
     device = next(model.parameters()).device
     mu, logvar = model.encode(train.float_images().to(device), train.labels.to(device))
-    z_train = model.latent(mu, logvar, torch.randn(mu.shape, generator=generator).to(device)).cpu()
+    z_train = reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator).to(device)).cpu()
     z = torch.empty(len(digits), z_train.shape[1])
     for digit in range(NUM_DIGITS):
         mine, chosen = z_train[train.labels == digit], digits == digit
@@ -199,32 +199,42 @@ def fitted_latents(model: JointAutoencoder, train: Digits, digits: torch.Tensor,
 
 
 @torch.no_grad()
-def generate(model: JointAutoencoder, digits: torch.Tensor, sampler: str, train: Digits,
+def generate(model: Model, digits: torch.Tensor, sampler: str, train: Digits,
              generator: torch.Generator) -> torch.Tensor:
-    """Images N x 784 in [0, 1] from digits alone. study: the digit-only path (CVAE z = mu + sigma * noise,
-    the CAE deterministic); fitted: latents from `fitted_latents`."""
+    """Images N x 784 in [0, 1] from digits alone. study: the model's own way (the digit-only path for the
+    study's models: CVAE z = mu + sigma * noise, the CAE deterministic); fitted: latents from
+    `fitted_latents`; prior: z ~ N(0, I)."""
     device = next(model.parameters()).device
-    if sampler == "fitted":
-        return model.decoder(fitted_latents(model, train, digits, generator))[0].sigmoid()
+    digits = digits.to(device)
     noise = torch.randn(len(digits), model.config.latent_dim, generator=generator).to(device)
-    return model.generate(digits.to(device), noise)
+    if sampler == "study":
+        return model.generate(digits, noise)
+    return model.decode(fitted_latents(model, train, digits, generator) if sampler == "fitted" else noise, digits)
 
 
 @torch.no_grad()
-def model_metrics(model: JointAutoencoder, test: Digits) -> dict[str, float]:
-    """The model's own digit head and reconstructions on the test images."""
+def model_metrics(model: Model, test: Digits) -> dict[str, float]:
+    """The model's own digit head and reconstructions on the test images.
+
+    A model without a digit head (the label CVAE) has no classification accuracy and cannot encode an
+    image without its label: those metrics are left out, and the results table shows them as n/a.
+    """
     device = next(model.parameters()).device
     images, labels = test.float_images().to(device), test.labels.to(device)
 
     def bce(reconstructed: torch.Tensor) -> float:
         return F.binary_cross_entropy(reconstructed, images, reduction="none").sum(1).mean().item()
 
-    return {"classification_accuracy": (model.classify(images).argmax(1) == labels).sum().item() / len(labels),
-            "reconstruction_error": bce(model.reconstruct(images, labels)[0]),
-            "reconstruction_error_image_only": bce(model.reconstruct(images)[0])}
+    metrics = {"reconstruction_error": bce(model.reconstruct(images, labels)[0])}
+    try:
+        metrics["classification_accuracy"] = (model.classify(images).argmax(1) == labels).sum().item() / len(labels)
+        metrics["reconstruction_error_image_only"] = bce(model.reconstruct(images)[0])
+    except UnsupportedTask:
+        pass
+    return metrics
 
 
-def evaluate_seed(model: JointAutoencoder, judge: Judge, train: Digits, test: Digits,
+def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits,
                   test_set: ImageSet) -> tuple[dict[str, float], torch.Tensor]:
     """Every metric of one trained model, and its generated images (uint8, grouped by digit)."""
     params = judge.params

@@ -141,7 +141,7 @@ class JointAutoencoder(nn.Module):
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
         """images: N x 784 floats in [0, 1] or None; digits: N int labels or None."""
         mu, logvar = self.encode(images, digits)
-        z = self.latent(mu, logvar, torch.randn_like(mu) if sample else None)
+        z = reparameterize(mu, logvar, torch.randn_like(mu) if sample else None)
         image_logits, digit_log_probs = self.decoder(z)
         return Output(image_logits, digit_log_probs, z, mu if logvar is not None else None, logvar)
 
@@ -167,7 +167,11 @@ class JointAutoencoder(nn.Module):
         mu, logvar = self.encode(None, digits)
         if logvar is not None and noise is None:
             noise = torch.randn_like(mu)
-        return self.decoder(self.latent(mu, logvar, noise))[0].sigmoid()
+        return self.decode(reparameterize(mu, logvar, noise))
+
+    def decode(self, z: torch.Tensor, digits: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) from latents; the digit is in z, so `digits` is not needed."""
+        return self.decoder(z)[0].sigmoid()
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Digit log-probabilities (N x 10) from images alone."""
@@ -201,6 +205,13 @@ class CVAE(JointAutoencoder):
     def encode(self, images, digits):
         fused = self.encoder(images, digits)
         return self.to_mu(fused), self.to_logvar(fused)
+
+
+def reparameterize(mu: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
+    """z = mu + sigma * noise, the reparameterisation trick; noise=None (or no logvar) means z = mu."""
+    if logvar is None or noise is None:
+        return mu
+    return mu + torch.exp(0.5 * logvar) * noise
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -256,7 +267,7 @@ class LabelCVAE(nn.Module):
 
     def forward(self, images: torch.Tensor, digits: torch.Tensor, sample: bool = True) -> Output:
         mu, logvar = self.encode(images, digits)
-        z = JointAutoencoder.latent(mu, logvar, torch.randn_like(mu) if sample else None)
+        z = reparameterize(mu, logvar, torch.randn_like(mu) if sample else None)
         return Output(self.decoder(z, digits), None, z, mu, logvar)
 
     def loss(self, images: torch.Tensor, digits: torch.Tensor, input_mode: str) -> Losses:
@@ -275,7 +286,11 @@ class LabelCVAE(nn.Module):
         gives every digit the same style; drawn from the prior N(0, I) when None."""
         if noise is None:
             noise = torch.randn(len(digits), self.config.latent_dim, device=digits.device)
-        return self.decoder(noise.expand(len(digits), -1), digits).sigmoid()
+        return self.decode(noise.expand(len(digits), -1), digits)
+
+    def decode(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) of `digits` in the styles z."""
+        return self.decoder(z, digits).sigmoid()
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         raise UnsupportedTask("the label CVAE cannot classify: it predicts no digit and needs the label to encode an "

@@ -21,7 +21,10 @@ MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
 LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
-SAMPLERS = ("study", "fitted")  # how a model draws latents when generating from a label
+# How a model draws latents when generating from a label: study, the digit-only path; fitted, a Gaussian
+# per digit fitted to training latents; prior, z ~ N(0, I) (the label CVAE's own way; the study's models
+# carry the digit in z, so for them the prior ignores the label)
+SAMPLERS = ("study", "fitted", "prior")
 
 
 class DigitgenError(Exception):
