@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from digitgen.aggregate import best_configs, configurations, load_evaluations, summarize, table
-from digitgen.params import DigitgenError
+from digitgen.aggregate import (best_configs, champion_run, configurations, load_evaluations, study_configurations,
+                                summarize, table)
+from digitgen.params import DigitgenError, ParamsError
 
 from conftest import make_params
 
@@ -57,6 +58,28 @@ def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
         load_evaluations(tmp_path, ["cae-8", "cvae-8"])
 
 
-def test_rows_follow_the_studys_order():
-    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]})
-    assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
+def test_rows_follow_the_studys_order_then_the_label_cvae():
+    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]}, label_cvae={"latent_dim": 2})
+    assert study_configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
+    assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16", "label_cvae-2"]
+
+
+def test_a_metric_a_model_cannot_have_is_na_and_never_best():
+    label = {seed: {k: v for k, v in m.items() if k != "classification_accuracy"} for seed, m in SEEDS["cae-8"].items()}
+    frame = table(summarize({**SEEDS, "label_cvae-2": {s: {**m, "fid": 1.0} for s, m in label.items()}}))
+    assert frame.at["LABEL-CVAE (2)", "Classification Accuracy"] == "n/a"
+    assert frame.at["LABEL-CVAE (2)", "FID"].startswith("**")  # best FID, marked
+    assert frame.at["LABEL-CVAE (2)", "FID (paper)"] == "-"  # the paper has no such row
+    assert frame.at["CAE (8)", "Classification Accuracy"].startswith("**")
+
+
+def test_champion_is_the_best_seed_of_the_best_study_configuration(tmp_path):
+    for config in SEEDS:
+        (tmp_path / config).mkdir()
+        (tmp_path / config / "runs.json").write_text(json.dumps({"seed_run_ids": {"0": f"{config}-r0",
+                                                                                  "1": f"{config}-r1"}}))
+    summary = summarize(SEEDS)
+    assert champion_run(summary, SEEDS, ["cae-8", "cvae-8"], "fid", tmp_path) == ("cvae-8", "0", "cvae-8-r0")
+    assert champion_run(summary, SEEDS, ["cae-8", "cvae-8"], "gen_accuracy", tmp_path) == ("cae-8", "1", "cae-8-r1")
+    with pytest.raises(ParamsError, match="registry.champion_metric must be one of"):
+        champion_run(summary, SEEDS, ["cae-8"], "sharpness", tmp_path)

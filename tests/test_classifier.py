@@ -52,7 +52,7 @@ def test_missing_weights_name_the_stage_to_run(tmp_path):
     ("classifier", {"kernel_size": 4}, "classifier.kernel_size"),
     ("classifier", {"min_test_accuracy": 99}, "classifier.min_test_accuracy"),
     ("evaluate", {"n_generated": 1005}, "evaluate.n_generated"),
-    ("evaluate", {"sampler": "prior"}, "evaluate.sampler"),
+    ("evaluate", {"sampler": "gaussian"}, "evaluate.sampler"),
     ("evaluate", {"is_splits": 0}, "evaluate.is_splits"),
     ("evaluate", {"grid_columns": 30}, "evaluate.grid_columns"),
 ])

@@ -10,8 +10,10 @@ from mlflow.tracking import MlflowClient
 
 from digitgen.cli import main
 from digitgen.evaluate import (INCEPTION_METRICS, METRICS, EvaluateError, ImageSet, Judge, evaluate_seed, generate,
-                               real_set, run_evaluate, run_reference, to_uint8)
-from digitgen.models import load_model
+                               real_set, model_metrics, run_evaluate, run_reference,
+                               to_uint8)
+from digitgen.models import ModelConfig, build_model, load_model
+from digitgen.params import SAMPLERS
 from digitgen.train import run_train
 
 from conftest import REPO, make_params, save_prepared
@@ -137,3 +139,20 @@ def test_cli_reports_an_untrained_configuration_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "runs.json not found" in err and "dvc repro train@cae-8" in err
+
+
+KINDS = [ModelConfig("cae", 4, 32), ModelConfig("cvae", 4, 32), ModelConfig("label_cvae", 2, hidden_dims=(32, 16))]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("config", KINDS, ids=lambda c: c.kind)
+def test_every_sampler_generates_images_for_every_model_kind(sampler, config, mnist_subset):
+    model = build_model(config).eval()
+    digits = torch.arange(10).repeat(2)
+    images = generate(model, digits, sampler, mnist_subset["train"], torch.Generator().manual_seed(0))
+    assert images.shape == (20, 784) and images.min() >= 0 and images.max() <= 1
+
+
+def test_a_model_without_a_digit_head_has_no_classification_accuracy(mnist_subset):
+    metrics = model_metrics(build_model(KINDS[2]).eval(), mnist_subset["test"])
+    assert set(metrics) == {"reconstruction_error"}  # n/a in the table, never a made-up number
