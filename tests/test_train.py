@@ -129,3 +129,15 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
     saved = load_model(tmp_path / "models" / "seed0.pt")
     images = load_split(prepared_dir, "test").float_images()[:5]
     assert torch.allclose(logged.classify(images), saved.classify(images))
+
+
+def test_the_default_store_is_the_sqlite_file_at_the_dvc_root_with_artifacts_beside_it(tmp_path, monkeypatch):
+    from digitgen import tracking
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path.parent)  # not the root: like a stage of pipelines/smoke
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    experiment = mlflow.get_experiment(tracking.experiment_id("digitgen-test"))
+    assert experiment.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert (tmp_path / "mlflow.db").is_file()

@@ -45,20 +45,29 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
+def default_tracking_uri() -> str:
+    """The SQLite file at the project root."""
+    return f"sqlite:///{project_root() / STORE_FILE}"
+
+
 def tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI when set, else the SQLite file at the project root."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / STORE_FILE}"
+    """$MLFLOW_TRACKING_URI when set, else the default store.
+
+    (mlflow.set_tracking_uri exports $MLFLOW_TRACKING_URI itself, so "is it set?" cannot tell a user's
+    store from ours: compare with default_tracking_uri() instead.)
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
 def experiment_id(name: str) -> str:
     """Point MLflow at our store and return the experiment's id, creating it (artifacts at the root) if new."""
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    location = None
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        location = (project_root() / ARTIFACTS_DIR).as_uri()
+    # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
+    location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
     return mlflow.create_experiment(name, artifact_location=location)
 
 
@@ -211,7 +220,7 @@ def _log_pyfunc(model, image: torch.Tensor, digit: int) -> None:
 def _require_store() -> None:
     """Point MLflow at our store; refuse to create an empty default store where none was meant to be."""
     uri = tracking_uri()
-    if not os.environ.get("MLFLOW_TRACKING_URI") and not (project_root() / STORE_FILE).is_file():
+    if uri == default_tracking_uri() and not (project_root() / STORE_FILE).is_file():
         raise generate.ModelSourceError(f"no MLflow store at {project_root() / STORE_FILE}; run from the "
                                         "repository root or set MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
