@@ -51,7 +51,7 @@ def md5sum(path: Path) -> str:
 def mirror_list(mirrors: list[str]) -> list[str]:
     """The mirrors in the order they are tried: $DIGITGEN_MNIST_MIRROR first, then params'."""
     local = os.environ.get(MIRROR_ENV)
-    return ([local] if local else []) + list(mirrors)
+    return list(dict.fromkeys(([local] if local else []) + list(mirrors)))  # each tried once, in order
 
 
 def _fetch(mirror: str, name: str, dest: Path) -> None:
@@ -68,6 +68,7 @@ def _fetch(mirror: str, name: str, dest: Path) -> None:
 def download(mirrors: list[str], raw_dir: Path) -> None:
     """Fetch the four MNIST files into raw_dir, each MD5-checked, mirrors tried in order."""
     raw_dir = Path(raw_dir)
+    made_parent = not raw_dir.parent.exists()
     raw_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{raw_dir.name}-", dir=raw_dir.parent))
     staging.chmod(0o755)
@@ -96,6 +97,8 @@ def download(mirrors: list[str], raw_dir: Path) -> None:
         staging.rename(raw_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if made_parent and not any(raw_dir.parent.iterdir()):
+            raw_dir.parent.rmdir()  # a failed first download leaves no trace
 
 
 def read_idx(path: Path) -> np.ndarray:
