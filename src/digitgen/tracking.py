@@ -30,7 +30,6 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from digitgen import generate
 from digitgen.models import save_model
-
 from digitgen.params import DigitgenError
 
 STORE_FILE = "mlflow.db"
