@@ -18,7 +18,7 @@ import torch
 
 from digitgen import figures, tracking
 from digitgen.data import load_split
-from digitgen.evaluate import METRICS
+from digitgen.evaluate import METRICS, read_runs
 from digitgen.models import load_model
 from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
 from digitgen.train import config_name, read_history
@@ -89,8 +89,7 @@ def champion_run(summary, evaluations, candidates: list[str], metric: str, runs_
     config = best_configs({c: summary[c] for c in candidates}, [metric])[metric]
     seeds = {seed: values[metric] for seed, values in evaluations[config].items()}
     seed = (max if METRICS[metric] == "higher" else min)(seeds, key=seeds.get)
-    runs = json.loads((Path(runs_dir) / config / "runs.json").read_text())
-    return config, seed, runs["seed_run_ids"][seed]
+    return config, seed, read_runs(Path(runs_dir) / config)["seed_run_ids"][seed]
 
 
 def paper_table() -> pd.DataFrame:
