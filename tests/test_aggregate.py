@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from digitgen import figures
 from digitgen.aggregate import (best_configs, champion_run, configurations, load_evaluations, study_configurations,
-                                summarize, table)
+                                summarize, table, write_figures)
 from digitgen.params import DigitgenError, ParamsError
 
 from conftest import make_params
@@ -48,7 +49,8 @@ def test_table_marks_the_best_and_puts_the_paper_beside_ours():
     assert frame.at["CVAE (8)", "FID"] == "**11.00 ± 1.41**"
     assert not frame.at["CAE (8)", "FID"].startswith("**")
     assert frame.at["CAE (8)", "FID (paper)"] == "424.12 ± 3.19"
-    assert frame.at["CAE (8)", "FID (ours - paper)"] == "-392.1"
+    assert frame.at["CAE (8)", "FID (ours - paper)"] == "-392.12 †"  # the bands 32 ± 2.83, 424.12 ± 3.19 are apart
+    assert frame.at["CAE (8)", "Generated Images Accuracy (ours - paper)"] == "-0.0500"  # within 0.0707 + 0.06
     assert frame.at["CVAE (8)", "Generated Images Accuracy (paper)"] == "0.8400 ± 0.0200"
 
 
@@ -83,3 +85,24 @@ def test_champion_is_the_best_seed_of_the_best_study_configuration(tmp_path):
     assert champion_run(summary, SEEDS, ["cae-8", "cvae-8"], "gen_accuracy", tmp_path) == ("cae-8", "1", "cae-8-r1")
     with pytest.raises(ParamsError, match="registry.champion_metric must be one of"):
         champion_run(summary, SEEDS, ["cae-8"], "sharpness", tmp_path)
+
+
+def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(trained_models, mnist_subset, tmp_path,
+                                                                              monkeypatch):
+    for kind, trained in trained_models.items():  # the fixture's layout -> the pipeline's models/<config>/seed0.pt
+        (tmp_path / "models" / f"{kind}-4").mkdir(parents=True)
+        (tmp_path / "models" / f"{kind}-4" / "seed0.pt").symlink_to(trained.path)
+        (tmp_path / "histories" / f"{kind}-4").mkdir(parents=True)
+        (tmp_path / "histories" / f"{kind}-4" / "seed0.csv").symlink_to(
+            trained.path.parents[2] / "histories" / kind / "seed0.csv")
+    panel_orders = []
+    draw = figures.loss_curve_panels
+    monkeypatch.setattr(figures, "loss_curve_panels", lambda panels, title: panel_orders.append(list(panels))
+                        or draw(panels, title))
+    test = mnist_subset["test"]
+    written = write_figures(["cae-4", "cvae-4"], tmp_path / "histories", tmp_path / "models", test.float_images(),
+                            test.labels, tmp_path / "figures", seed=0)
+    assert {p.name for p in written} == {"reconstructions_cae-4.png", "generations_cae-4.png",
+                                         "reconstructions_cvae-4.png", "generations_cvae-4.png", "loss_curves_4.png"}
+    assert all(p.stat().st_size > 0 for p in written)
+    assert panel_orders == [["CVAE (4)", "CAE (4)"]]

@@ -32,6 +32,9 @@ TABLE_COLUMNS = {
     "reconstruction_error": "Reconstruction Error",
 }
 
+# the study's Figures 3-6 show CVAE (left) and CAE (right) side by side; the label CVAE's curves stand alone
+LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE]
+
 
 def display_name(config: str) -> str:
     """cae-8 -> CAE (8), the study's row names."""
@@ -97,13 +100,23 @@ def paper_table() -> pd.DataFrame:
         return pd.read_csv(f, index_col="configuration")
 
 
+def _digits(mean: float) -> int:
+    return 4 if abs(mean) < 10 else 2
+
+
 def _fmt(mean: float, std: float) -> str:
-    digits = 4 if abs(mean) < 10 else 2
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    return f"{mean:.{_digits(mean)}f} ± {std:.{_digits(mean)}f}"
+
+
+def _difference(mean: float, std: float, paper_mean: float, paper_std: float) -> str:
+    """ours - paper, marked † where the two mean ± std bands do not overlap (a gap beyond the spread over seeds)."""
+    gap = mean - paper_mean
+    return f"{gap:+.{_digits(paper_mean)}f}" + (" †" if abs(gap) > std + paper_std else "")
 
 
 def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
-    """Table 1 with, per metric, ours (mean ± std, the best marked **bold**), the paper's, and ours - paper."""
+    """Table 1 with, per metric, ours (mean ± std, the best marked **bold**), the paper's, and ours - paper
+    (marked † beyond the spread)."""
     paper = paper_table()
     best = best_configs(summary)
     rows = {}
@@ -116,10 +129,12 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
             mean, std = metrics[metric]["mean"], metrics[metric]["std"]
             ours = _fmt(mean, std)
             row[label] = f"**{ours}**" if best[metric] == config else ours
-            has_paper = config in paper.index
-            row[f"{label} (paper)"] = _fmt(paper.at[config, f"{metric}_mean"], paper.at[config, f"{metric}_std"]) \
-                if has_paper else "-"
-            row[f"{label} (ours - paper)"] = f"{mean - paper.at[config, f'{metric}_mean']:+.4g}" if has_paper else "-"
+            if config in paper.index:
+                paper_mean, paper_std = paper.at[config, f"{metric}_mean"], paper.at[config, f"{metric}_std"]
+                row[f"{label} (paper)"] = _fmt(paper_mean, paper_std)
+                row[f"{label} (ours - paper)"] = _difference(mean, std, paper_mean, paper_std)
+            else:
+                row.update({f"{label} (paper)": "-", f"{label} (ours - paper)": "-"})
         rows[display_name(config)] = row
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "Model"
@@ -132,8 +147,8 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     by_latent: dict[str, dict[str, dict[str, list]]] = {}
-    for config in configs:
-        kind, latent_dim = config.rsplit("-", 1)
+    for config in sorted(configs, key=lambda c: LOSS_PANEL_ORDER.index(c.rsplit("-", 1)[0])):
+        latent_dim = config.rsplit("-", 1)[1]
         runs = sorted(Path(histories_dir, config).glob("seed*.csv"))
         by_latent.setdefault(latent_dim, {})[display_name(config)] = {p.stem: read_history(p) for p in runs}
         model = load_model(next(iter(sorted(Path(models_dir, config).glob("seed*.pt")))))
@@ -159,7 +174,8 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     frame.to_csv(out_dir / "table.csv")
     (out_dir / "table.md").write_text(
         f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in bold; "
-        "paper values from the study's Table 1.\n\n" + frame.to_markdown() + "\n")
+        "paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± std "
+        "bands do not overlap).\n\n" + frame.to_markdown() + "\n")
     test = load_split(prepared_dir, "test")
     written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
                             out_dir / "figures", params.train.seeds[0])
