@@ -112,6 +112,20 @@ def _check_regression(args, params) -> int:
     return 0 if run_check_regression(args.metrics, args.baseline, args.thresholds) else 1
 
 
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
+    p.add_argument("--latent-dim", type=int, required=True)
+
+
+def _judge_arguments(p: argparse.ArgumentParser) -> None:
+    """What scoring reads: the prepared data, the separate classifier and torch-fidelity's feature cache."""
+    p.add_argument("--data", type=Path, default=Path("data/prepared"))
+    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
+    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"),
+                   help="torch-fidelity's cache of real-data features (default: fidelity_cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="digitgen", description=__doc__)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
@@ -128,8 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_split)
 
     p = sub.add_parser("train", help="stage train: every seed of one configuration, tracked in MLflow")
-    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
-    p.add_argument("--latent-dim", type=int, required=True)
+    _config_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
     p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
     p.add_argument("--data", type=Path, default=Path("data/prepared"))
@@ -181,22 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", type=Path, default=Path("results/classifier.json"))
     p.set_defaults(func=_classifier)
 
-    fidelity_cache = "torch-fidelity's cache of real-data features (default: fidelity_cache)"
     p = sub.add_parser("reference", help="stage reference: the metrics of real digits (floor and ceiling)")
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
+    _judge_arguments(p)
     p.add_argument("--out", type=Path, default=Path("results/reference.json"))
-    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"), help=fidelity_cache)
     p.set_defaults(func=_reference)
 
     p = sub.add_parser("evaluate", help="stage evaluate: the study's metrics for every seed of one configuration")
-    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
-    p.add_argument("--latent-dim", type=int, required=True)
+    _config_arguments(p)
+    _judge_arguments(p)
     p.add_argument("--models", type=Path, help="default: models/<model>-<latent_dim>")
-    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
     p.add_argument("--out", type=Path, default=Path("results/evaluation"))
-    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"), help=fidelity_cache)
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("aggregate", help="stage aggregate: mean ± std over seeds, Table 1, figures, the champion")
