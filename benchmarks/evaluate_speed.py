@@ -63,8 +63,8 @@ def main() -> None:
     for folder in map(Path, models):
         kind, latent_dim = folder.name.split("-")
         started = time.perf_counter()
-        evaluation = ConfigEvaluation.load(params.evaluate, kind, int(latent_dim), folder, classifier, args.data,
-                                           tmp / "cache")
+        evaluation = ConfigEvaluation.load(params.evaluate, params.tracking.experiment, kind, int(latent_dim), folder,
+                                           classifier, args.data, tmp / "cache")
         print(f"{folder.name}: setup (classifier, data) {time.perf_counter() - started:.1f} s")
         for seed in evaluation.seeds():
             started = time.perf_counter()

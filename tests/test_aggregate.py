@@ -7,8 +7,8 @@ import json
 import pytest
 
 from digitgen import figures
-from digitgen.aggregate import (best_configs, champion_run, configurations, load_evaluations, study_configurations,
-                                summarize, table, write_figures)
+from digitgen.aggregate import (TABLE_COLUMNS, best_configs, champion_seed, configurations, headline,
+                                load_evaluations, mean_curves, study_configurations, summarize, table, write_figures)
 from digitgen.params import DigitgenError, ParamsError
 
 from conftest import make_params
@@ -54,6 +54,30 @@ def test_table_marks_the_best_and_puts_the_paper_beside_ours():
     assert frame.at["CVAE (8)", "Generated Images Accuracy (paper)"] == "0.8400 ± 0.0200"
 
 
+def test_headline_metrics_hold_mean_and_std_of_the_five_table_metrics_only():
+    detailed = {config: {seed: {**values, "distinct_fraction": 0.1, "inception_score_std": 0.2}
+                         for seed, values in seeds.items()} for config, seeds in SEEDS.items()}
+    summary = summarize(detailed)
+    heads = headline(summary)
+    assert set(heads) == set(SEEDS)
+    for config, metrics in heads.items():
+        assert set(metrics) == set(TABLE_COLUMNS)  # no per-seed, n or spread-over-splits values
+        assert all(value == {"mean": summary[config][m]["mean"], "std": summary[config][m]["std"]}
+                   for m, value in metrics.items())
+
+
+def test_curves_are_the_mean_over_seeds_per_epoch_with_a_column_per_configuration(tmp_path):
+    for config, offset in (("cae-8", 0.0), ("cvae-8", 10.0), ("label_cvae-2", 20.0)):
+        (tmp_path / config).mkdir()
+        for seed in (0, 1):
+            rows = "\n".join(f"{e},{100 - e + offset + seed},{0.5 + e / 10}" for e in (1, 2))
+            (tmp_path / config / f"seed{seed}.csv").write_text("epoch,val_bce,val_accuracy\n" + rows + "\n")
+    curves = mean_curves(["cae-8", "cvae-8"], tmp_path)
+    assert list(curves["val_bce"].columns) == ["cae-8", "cvae-8"]
+    assert curves["val_bce"].loc[1].tolist() == [99.5, 109.5]
+    assert curves["val_accuracy"].loc[2].tolist() == pytest.approx([0.7, 0.7])
+
+
 def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
     (tmp_path / "cae-8.json").write_text(json.dumps({"seeds": SEEDS["cae-8"]}))
     with pytest.raises(DigitgenError, match=r"cvae-8.json is missing.*evaluate@cvae-8"):
@@ -75,16 +99,12 @@ def test_a_metric_a_model_cannot_have_is_na_and_never_best():
     assert frame.at["CAE (8)", "Classification Accuracy"].startswith("**")
 
 
-def test_champion_is_the_best_seed_of_the_best_study_configuration(tmp_path):
-    for config in SEEDS:
-        (tmp_path / config).mkdir()
-        (tmp_path / config / "runs.json").write_text(json.dumps({"seed_run_ids": {"0": f"{config}-r0",
-                                                                                  "1": f"{config}-r1"}}))
+def test_champion_is_the_best_seed_of_the_best_study_configuration():
     summary = summarize(SEEDS)
-    assert champion_run(summary, SEEDS, ["cae-8", "cvae-8"], "fid", tmp_path) == ("cvae-8", "0", "cvae-8-r0")
-    assert champion_run(summary, SEEDS, ["cae-8", "cvae-8"], "gen_accuracy", tmp_path) == ("cae-8", "1", "cae-8-r1")
+    assert champion_seed(summary, SEEDS, ["cae-8", "cvae-8"], "fid") == ("cvae-8", "0")
+    assert champion_seed(summary, SEEDS, ["cae-8", "cvae-8"], "gen_accuracy") == ("cae-8", "1")
     with pytest.raises(ParamsError, match="registry.champion_metric must be one of"):
-        champion_run(summary, SEEDS, ["cae-8"], "sharpness", tmp_path)
+        champion_seed(summary, SEEDS, ["cae-8"], "sharpness")
 
 
 def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(trained_models, mnist_subset, tmp_path,

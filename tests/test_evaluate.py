@@ -82,13 +82,13 @@ def evaluated(tmp_path_factory, mnist_subset, trained_classifier):
         params = make_params(train={"epochs": 1, "seeds": [0, 1]})
         prepared = save_prepared(mnist_subset, root / "prepared")
         runs = run_train(params, "cae", 4, prepared, root / "models", root / "histories", root / "checkpoints")
-        result = run_evaluate(params.evaluate, "cae", 4, root / "models", trained_classifier, prepared,
-                              root / "results", root / "cache")
+        result = run_evaluate(params.evaluate, params.tracking.experiment, "cae", 4, root / "models",
+                              trained_classifier, prepared, root / "results", root / "cache")
         yield {"root": root, "runs": runs, "result": result, "params": params, "prepared": prepared}
 
 
 def test_metrics_land_on_each_seeds_training_run(evaluated):
-    client, runs = MlflowClient(evaluated["runs"]["tracking_uri"]), evaluated["runs"]
+    client, runs = MlflowClient(f"sqlite:///{evaluated['root'] / 'mlflow.db'}"), evaluated["runs"]
     seeds = evaluated["result"]["seeds"]
     assert set(seeds) == {"0", "1"}
     for seed, metrics in seeds.items():
@@ -100,6 +100,28 @@ def test_metrics_land_on_each_seeds_training_run(evaluated):
     written = json.loads((evaluated["root"] / "results" / "cae-4.json").read_text())
     assert written == evaluated["result"]
     assert (evaluated["root"] / "results" / "cae-4-samples.png").stat().st_size > 0
+
+
+def test_results_name_no_path_of_the_machine_that_ran_them(evaluated):
+    """results/ is committed: an absolute path (the torch hub cache's) would differ on every machine."""
+    written = (evaluated["root"] / "results" / "cae-4.json").read_text()
+    assert str(evaluated["root"]) not in written and "/hub" not in written
+    assert "weights-inception-2015-12-05" in written  # the skipped reason still names the missing file
+
+
+def test_a_model_trained_against_another_store_gets_a_new_run_for_its_metrics(evaluated, trained_classifier,
+                                                                                tmp_path, monkeypatch):
+    """Models pulled from a DVC remote arrive without their MLflow store: evaluation still logs, to a new run
+    tagged with the model file's md5."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    monkeypatch.chdir(tmp_path)
+    params = evaluated["params"]
+    result = run_evaluate(params.evaluate, params.tracking.experiment, "cae", 4, evaluated["root"] / "models",
+                          trained_classifier, evaluated["prepared"], tmp_path / "results", tmp_path / "cache")
+    assert result["seeds"] == evaluated["result"]["seeds"]
+    runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(params.tracking.experiment).experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["cae-4/seed0", "cae-4/seed1"]
+    assert all(r.data.metrics["fid"] == pytest.approx(result["seeds"][r.data.tags["seed"]]["fid"]) for r in runs)
 
 
 def test_every_reported_metric_declares_its_direction(evaluated):
@@ -138,7 +160,7 @@ def test_cli_reports_an_untrained_configuration_in_one_line(tmp_path, capsys):
                    "--models", str(tmp_path / "cae-8")])
     err = capsys.readouterr().err
     assert status == 2
-    assert err.count("\n") == 1 and "runs.json not found" in err and "dvc repro train@cae-8" in err
+    assert err.count("\n") == 1 and "no trained seeds" in err and "dvc repro train@cae-8" in err
 
 
 KINDS = [ModelConfig("cae", 4, 32), ModelConfig("cvae", 4, 32), ModelConfig("label_cvae", 2, hidden_dims=(32, 16))]

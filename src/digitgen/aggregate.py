@@ -2,8 +2,11 @@
 
 Reads every configuration's per-seed metrics (results/evaluation/<config>.json, written by the
 evaluate stage) and writes, under results/:
-  metrics.json            mean, std (over seeds, ddof=1) and n for every configuration and metric
+  metrics.json            the headline DVC compares: mean and std over seeds of Table 1's five metrics
+  summary.json            mean, std (over seeds, ddof=1) and n of every metric (the CI gate reads it)
   table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference
+  curves/<term>.csv       validation BCE and accuracy per epoch, mean over seeds, a column per configuration
+                          (dvc.yaml's top-level plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
 """
 
@@ -18,7 +21,7 @@ import torch
 
 from digitgen import figures, tracking
 from digitgen.data import load_split
-from digitgen.evaluate import METRICS, read_runs
+from digitgen.evaluate import METRICS
 from digitgen.models import load_model
 from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
 from digitgen.train import config_name, read_history
@@ -85,14 +88,37 @@ def best_configs(summary: dict[str, dict[str, dict[str, float]]], metrics=TABLE_
     return best
 
 
-def champion_run(summary, evaluations, candidates: list[str], metric: str, runs_dir: Path) -> tuple[str, str, str]:
-    """(configuration, seed, run id) of the best seed of the best configuration by `metric`."""
+def champion_seed(summary, evaluations, candidates: list[str], metric: str) -> tuple[str, str]:
+    """(configuration, seed): the best seed of the best configuration by `metric`."""
     if metric not in METRICS:
         raise ParamsError(f"registry.champion_metric must be one of {', '.join(METRICS)}, got {metric!r}")
     config = best_configs({c: summary[c] for c in candidates}, [metric])[metric]
     seeds = {seed: values[metric] for seed, values in evaluations[config].items()}
-    seed = (max if METRICS[metric] == "higher" else min)(seeds, key=seeds.get)
-    return config, seed, read_runs(Path(runs_dir) / config)["seed_run_ids"][seed]
+    return config, (max if METRICS[metric] == "higher" else min)(seeds, key=seeds.get)
+
+
+def headline(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """What `dvc metrics show/diff` and `dvc exp show` print: mean and std of Table 1's metrics per configuration."""
+    return {config: {metric: {"mean": values[metric]["mean"], "std": values[metric]["std"]}
+                     for metric in TABLE_COLUMNS if metric in values}
+            for config, values in summary.items()}
+
+
+# the like-for-like learning curves across the families (val_loss holds the CVAE's KL term, the CAE has none)
+CURVES = ("val_bce", "val_accuracy")
+
+
+def mean_curves(configs: list[str], histories_dir: Path) -> dict[str, pd.DataFrame]:
+    """{term: epochs x configurations}, each value the mean over the configuration's seeds."""
+    curves = {}
+    for term in CURVES:
+        columns = {}
+        for config in configs:
+            seeds = [pd.read_csv(path, index_col="epoch") for path in sorted(Path(histories_dir, config).glob("seed*.csv"))]
+            if seeds and term in seeds[0]:
+                columns[config] = pd.concat([seed[term] for seed in seeds], axis=1).mean(axis=1)
+        curves[term] = pd.DataFrame(columns)
+    return curves
 
 
 def paper_table() -> pd.DataFrame:
@@ -169,7 +195,11 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     summary = summarize(evaluations)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out_dir / "metrics.json").write_text(json.dumps(headline(summary), indent=2) + "\n")
+    (out_dir / "curves").mkdir(exist_ok=True)
+    for term, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
+        frame.to_csv(out_dir / "curves" / f"{term}.csv", float_format="%.6g")
     frame = table(summary)
     frame.to_csv(out_dir / "table.csv")
     (out_dir / "table.md").write_text(
@@ -180,10 +210,10 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
                             out_dir / "figures", params.train.seeds[0])
     tracking.log_summary(params.tracking.experiment, frame,
-                         [out_dir / "metrics.json", out_dir / "table.md", out_dir / "table.csv", *written])
+                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", *written])
     # the champion serves every condition, so it is chosen among the study's joint models
-    config, seed, run_id = champion_run(summary, evaluations, study_configurations(params),
-                                        params.registry.champion_metric, models_dir)
+    config, seed = champion_seed(summary, evaluations, study_configurations(params), params.registry.champion_metric)
+    run_id = tracking.seed_run_for(params.tracking.experiment, config, seed, Path(models_dir) / config / f"seed{seed}.pt")
     version = tracking.register_champion(run_id, params.registry.model_name)
     print(f"champion by {params.registry.champion_metric}: {config} seed{seed} (run {run_id}) -> "
           f"models:/{params.registry.model_name}@champion, version {version}")

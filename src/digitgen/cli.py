@@ -96,7 +96,8 @@ def _evaluate(args, params) -> None:
     from digitgen.train import config_name
 
     name = config_name(args.model, args.latent_dim)
-    run_evaluate(params.evaluate, args.model, args.latent_dim, args.models or Path("models") / name,
+    run_evaluate(params.evaluate, params.tracking.experiment, args.model, args.latent_dim,
+                 args.models or Path("models") / name,
                  args.classifier, args.data, args.out, args.cache)
 
 
@@ -216,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     smoke = Path("pipelines/smoke")
     p = sub.add_parser("check-regression", help="CI gate: fresh smoke metrics against the committed baseline")
-    p.add_argument("--metrics", type=Path, default=smoke / "results" / "metrics.json")
+    p.add_argument("--metrics", type=Path, default=smoke / "results" / "summary.json",
+                   help="the fresh run's summary of every metric (default: %(default)s)")
     p.add_argument("--baseline", type=Path, default=smoke / "baseline.json")
     p.add_argument("--thresholds", type=Path, default=smoke / "thresholds.yaml")
     p.set_defaults(func=_check_regression, needs_params=False)

@@ -111,7 +111,8 @@ def inception_weights(configured: str | None) -> tuple[Path | None, str]:
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if cached.is_file():
         return cached, ""
-    return None, f"no Inception weights: evaluate.inception_weights is null and {cached} is absent"
+    return None, (f"no Inception weights: evaluate.inception_weights is null and torch hub's cache has no "
+                  f"{cached.name}")
 
 
 def register_inception(path: Path) -> str:
@@ -252,11 +253,13 @@ def sample_grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     return per_digit.reshape(-1, IMAGE_DIM).float().div(255.0)
 
 
-def read_runs(models_dir: Path) -> dict:
-    path = Path(models_dir) / "runs.json"
-    if not path.is_file():
-        raise EvaluateError(f"{path} not found; train this configuration first (`dvc repro train@{Path(models_dir).name}`)")
-    return json.loads(path.read_text())
+def seed_models(models_dir: Path) -> dict[str, Path]:
+    """{seed: model file} of one trained configuration (models/<config>/seed<s>.pt), in seed order."""
+    found = {path.stem.removeprefix("seed"): path for path in Path(models_dir).glob("seed*.pt")}
+    if not found:
+        raise EvaluateError(f"no trained seeds (seed*.pt) in {models_dir}; train this configuration first "
+                            f"(`dvc repro train@{Path(models_dir).name}`)")
+    return dict(sorted(found.items(), key=lambda item: int(item[0])))
 
 
 def write_json(data: dict, path: Path) -> None:
@@ -282,43 +285,45 @@ class ConfigEvaluation:
     """One configuration's evaluation: its trained seeds, the judge, and the data every seed is scored on."""
 
     name: str
-    models_dir: Path
-    runs: dict  # runs.json: the MLflow store and each seed's run id
+    experiment: str  # the MLflow experiment of the seeds' training runs, which get the metrics
+    models: dict[str, Path]  # {seed: model file}
     judge: Judge
     train: Digits  # for the fitted sampler
     test: Digits
     test_set: ImageSet
 
     @classmethod
-    def load(cls, params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
-             prepared_dir: Path, cache_root: Path) -> "ConfigEvaluation":
-        runs = read_runs(models_dir)
+    def load(cls, params: EvaluateParams, experiment: str, kind: str, latent_dim: int, models_dir: Path,
+             classifier_path: Path, prepared_dir: Path, cache_root: Path) -> "ConfigEvaluation":
+        models = seed_models(models_dir)
         judge = Judge.load(classifier_path, params, cache_root)
         test = load_split(prepared_dir, "test")
-        return cls(config_name(kind, latent_dim), Path(models_dir), runs, judge, load_split(prepared_dir, "train"),
+        return cls(config_name(kind, latent_dim), experiment, models, judge, load_split(prepared_dir, "train"),
                    test, real_set(test, "test"))
 
     def seeds(self) -> list[str]:
-        return sorted(self.runs["seed_run_ids"], key=int)
+        return list(self.models)
 
     def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor]:
         """Score one seed's model, log metrics, params (as tags) and samples to its training run; return the
         metrics and its sample grid."""
-        params, run_id, uri = self.judge.params, self.runs["seed_run_ids"][seed], self.runs.get("tracking_uri")
-        model = load_model(self.models_dir / f"seed{seed}.pt").to(self.judge.device)
+        params = self.judge.params
+        model = load_model(self.models[seed]).to(self.judge.device)
         metrics, images = evaluate_seed(model, self.judge, self.train, self.test, self.test_set)
         grid = sample_grid(images, params.grid_columns)
-        tracking.log_metrics_to_run(run_id, metrics, uri, tracking.flatten({"evaluate": asdict(params)}))
+        run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed])
+        tracking.log_metrics_to_run(run_id, metrics, tracking.flatten({"evaluate": asdict(params)}))
         title = f"{self.name} seed{seed}: digits 0-9, one per row ({params.sampler} sampler)"
         tracking.log_figure_to_run(run_id, figures.digit_grid(grid, params.grid_columns, title),
-                                   "evaluation_samples.png", uri)
+                                   "evaluation_samples.png")
         return metrics, grid
 
 
-def run_evaluate(params: EvaluateParams, kind: str, latent_dim: int, models_dir: Path, classifier_path: Path,
-                 prepared_dir: Path, out_dir: Path, cache_root: Path) -> dict:
+def run_evaluate(params: EvaluateParams, experiment: str, kind: str, latent_dim: int, models_dir: Path,
+                 classifier_path: Path, prepared_dir: Path, out_dir: Path, cache_root: Path) -> dict:
     """Stage `evaluate`: every seed of one configuration; metrics to JSON and to each seed's training run."""
-    evaluation = ConfigEvaluation.load(params, kind, latent_dim, models_dir, classifier_path, prepared_dir, cache_root)
+    evaluation = ConfigEvaluation.load(params, experiment, kind, latent_dim, models_dir, classifier_path,
+                                       prepared_dir, cache_root)
     name, seeds, grids = evaluation.name, {}, []
     for seed in evaluation.seeds():
         started = time.perf_counter()

@@ -29,14 +29,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
 from digitgen import generate
+from digitgen.data import md5sum
 from digitgen.models import save_model
-from digitgen.params import DigitgenError
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 PYFUNC_NAME = "pyfunc"  # each seed run's serving model: runs:/<run_id>/pyfunc
 CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
 WEIGHTS_FILE = "model.pt"  # the pyfunc's weights, as models.save_model writes them
+MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote (DVC's hash of that file)
 
 
 def project_root() -> Path:
@@ -274,37 +275,40 @@ def register_champion(run_id: str, model_name: str) -> str:
     return version.version
 
 
-class TrackingError(DigitgenError):
-    """A run that evaluation must log to is not in the store; the message names the store and the fix."""
+def tag_model_file(run_id: str, path: Path) -> None:
+    """Tag the seed run with its model file's md5: how evaluation and the registry find the run again
+    (run ids are kept out of DVC's cached outputs, which must not change when nothing else does)."""
+    MlflowClient(tracking_uri()).set_tag(run_id, MODEL_MD5_TAG, md5sum(path))
 
 
-def _client_for_run(run_id: str, uri: str | None) -> MlflowClient:
-    """A client of the store at `uri` (default: ours), checked to hold the run."""
-    client = MlflowClient(uri or tracking_uri())
-    try:
-        client.get_run(run_id)
-    except MlflowException:
-        raise TrackingError(f"run {run_id} is not in the MLflow store {client.tracking_uri}; restore the store that "
-                            "trained the model (runs.json's tracking_uri) or train the configuration again") from None
-    return client
+def seed_run_for(experiment: str, name: str, seed: str, model_file: Path) -> str:
+    """The newest finished run that trained `model_file` (by its md5), else a new run for it.
 
-
-def log_metrics_to_run(run_id: str, metrics: dict[str, float], uri: str | None = None,
-                       tags: dict[str, str] | None = None) -> None:
-    """Log metrics (and tags) to an existing (finished) run, e.g. evaluation results to the seed's training run.
-
-    uri: the store that holds the run (the tracking_uri recorded in runs.json); default: `tracking_uri()`.
+    A new run appears when the file was trained against another store, e.g. pulled from a DVC remote:
+    the evaluation is still logged, to a run named like the training run and tagged with the same md5.
     """
-    client = _client_for_run(run_id, uri)
+    md5 = md5sum(model_file)
+    exp_id = experiment_id(experiment)
+    found = MlflowClient().search_runs([exp_id], f"tags.{MODEL_MD5_TAG} = '{md5}' AND attributes.status = 'FINISHED'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        return found[0].info.run_id
+    with _run(experiment_id=exp_id, run_name=f"{name}/seed{seed}") as run:
+        mlflow.set_tags({MODEL_MD5_TAG: md5, "seed": seed, "trained_elsewhere": "true"})
+        return run.info.run_id
+
+
+def log_metrics_to_run(run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
+    """Log metrics (and tags) to an existing (finished) run, e.g. evaluation results to the seed's training run."""
+    client = MlflowClient(tracking_uri())
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
                      tags=[RunTag(key, value) for key, value in (tags or {}).items()])
 
 
-def log_figure_to_run(run_id: str, figure, filename: str, uri: str | None = None) -> None:
+def log_figure_to_run(run_id: str, figure, filename: str) -> None:
     """Log a figure as an artifact of an existing run (closing it), e.g. generated samples beside their metrics."""
-    client = _client_for_run(run_id, uri)
-    client.log_figure(run_id, figure, filename)
+    MlflowClient(tracking_uri()).log_figure(run_id, figure, filename)
     plt.close(figure)
 
 

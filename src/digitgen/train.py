@@ -4,6 +4,11 @@ Stages `train` (one configuration of the study, every seed) and `train_label_cva
 label-conditioned CVAE, which reads its own params section). Each finished epoch is checkpointed beside the
 outputs (weights, optimiser, random states, history, MLflow run id), so an interrupted stage resumes
 from the last completed epoch and reaches the same weights it would have reached uninterrupted.
+
+What the stage writes for DVC to cache (models/<config>/seed<s>.pt, histories/<config>/seed<s>.csv) is a
+function of code, params, data and machine alone: no run ids, paths or timings, so retraining with
+nothing changed gives the same hashes and evaluation does not rerun. Timings and run ids go to MLflow;
+the seed run is found again by the md5 of its model file (tracking.MODEL_MD5_TAG).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from tqdm import tqdm
 
 from digitgen import figures, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import Model, ModelConfig, build_model, save_model
+from digitgen.models import LabelCVAE, Model, ModelConfig, build_model, save_model
 from digitgen.params import INPUT_MODES, LABEL_CVAE, Params, TrainParams
 
 class EpochLogger(Protocol):
@@ -53,10 +58,12 @@ def _sum_losses(model: Model, images, digits, mode, batch_size) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_losses(model: Model, images, digits, params: TrainParams, seed: int) -> dict[str, float]:
-    """Each loss term on the validation set, averaged over input modes by their training probabilities.
+    """Each loss term on the validation set, averaged over input modes by their training probabilities,
+    and the digit head's accuracy from the image alone (val_accuracy; the study's classification condition).
 
-    That is the expected value of the training objective, without the noise of a random draw. CVAE
-    sampling noise is fixed by `seed` and kept apart from the training random stream.
+    The losses are the expected value of the training objective, without the noise of a random draw. CVAE
+    sampling noise is fixed by `seed` and kept apart from the training random stream. val_bce and
+    val_accuracy compare like for like across the families; val_loss holds the CVAE's KL term too.
     """
     model.eval()
     devices = [images.device] if images.device.type == "cuda" else []
@@ -64,8 +71,13 @@ def validation_losses(model: Model, images, digits, params: TrainParams, seed: i
         torch.manual_seed(seed)
         expected = sum(p * _sum_losses(model, images, digits, mode, 1024)
                        for mode, p in mode_probabilities(params.input_modes).items() if p > 0)
+    metrics = {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist())}
+    if not isinstance(model, LabelCVAE):  # the label CVAE has no digit head
+        correct = sum((model.classify(images[start : start + 1024]).argmax(1) == digits[start : start + 1024]).sum()
+                      for start in range(0, len(digits), 1024))
+        metrics["val_accuracy"] = correct.item() / len(digits)
     model.train()
-    return {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist())}
+    return metrics
 
 
 def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int,
@@ -125,10 +137,14 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+TIMINGS = ("epoch_seconds",)  # history columns that differ run to run: logged, never cached
+
+
 def write_history(rows: list[dict[str, float]], path: Path) -> None:
+    """The learning curves, DVC-cached: every column but the timings (those go to MLflow only)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k not in TIMINGS], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -165,7 +181,7 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
               history_dir: Path, checkpoint_dir: Path, device: str | None = None,
               seeds: list[int] | None = None) -> dict:
     """Stages `train` and `train_label_cvae`: every seed (params', or `seeds`) of one configuration;
-    returns the MLflow run ids it wrote to runs.json."""
+    returns the MLflow run ids: {"parent_run_id": ..., "seed_run_ids": {seed: ...}}."""
     prepared_dir, out_dir, history_dir, checkpoint_dir = map(Path, (prepared_dir, out_dir, history_dir, checkpoint_dir))
     config, train_params = model_setup(params, kind, latent_dim)
     if seeds is not None:
@@ -210,15 +226,13 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
                     saved = torch.load(checkpoint, weights_only=True)
                     _atomic_save({**saved, "done": True}, checkpoint)
                 save_model(model.cpu(), out_dir / f"seed{seed}.pt")
+                tracking.tag_model_file(run_id, out_dir / f"seed{seed}.pt")
                 write_history(history, history_dir / f"seed{seed}.csv")
                 seed_runs[str(seed)] = run_id
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-    runs = {"experiment": params.tracking.experiment, "tracking_uri": tracking.tracking_uri(),
-            "parent_run_id": state["parent_run_id"], "seed_run_ids": seed_runs}
-    (out_dir / "runs.json").write_text(json.dumps(runs, indent=2) + "\n")
     shutil.rmtree(checkpoint_dir)
-    return runs
+    return {"parent_run_id": state["parent_run_id"], "seed_run_ids": seed_runs}
 
 
 @torch.no_grad()
