@@ -5,14 +5,15 @@ evaluate stage) and writes, under results/:
   metrics.json            the headline DVC compares: mean and std over seeds of Table 1's five metrics
   summary.json            mean, std (over seeds, ddof=1) and n of every metric (the CI gate reads it)
   table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference
-  curves/<term>.csv       validation BCE and accuracy per epoch, mean over seeds, a column per configuration
-                          (dvc.yaml's top-level plots draw CAE against CVAE from them)
+  curves/<config>.csv     validation BCE and label accuracy per epoch, mean over seeds (dvc.yaml's top-level
+                          plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 from digitgen import figures, tracking
 from digitgen.data import load_split
 from digitgen.evaluate import METRICS
+from digitgen.generate import ModelSourceError
 from digitgen.models import load_model
 from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
 from digitgen.train import config_name, read_history
@@ -109,15 +111,11 @@ CURVES = ("val_bce", "val_accuracy")
 
 
 def mean_curves(configs: list[str], histories_dir: Path) -> dict[str, pd.DataFrame]:
-    """{term: epochs x configurations}, each value the mean over the configuration's seeds."""
+    """{config: epochs x CURVES}, each value the mean over the configuration's seeds."""
     curves = {}
-    for term in CURVES:
-        columns = {}
-        for config in configs:
-            seeds = [pd.read_csv(path, index_col="epoch") for path in sorted(Path(histories_dir, config).glob("seed*.csv"))]
-            if seeds and term in seeds[0]:
-                columns[config] = pd.concat([seed[term] for seed in seeds], axis=1).mean(axis=1)
-        curves[term] = pd.DataFrame(columns)
+    for config in configs:
+        seeds = [pd.read_csv(path, index_col="epoch") for path in sorted(Path(histories_dir, config).glob("seed*.csv"))]
+        curves[config] = pd.concat(seeds).groupby(level="epoch")[list(CURVES)].mean()
     return curves
 
 
@@ -198,8 +196,8 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out_dir / "metrics.json").write_text(json.dumps(headline(summary), indent=2) + "\n")
     (out_dir / "curves").mkdir(exist_ok=True)
-    for term, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
-        frame.to_csv(out_dir / "curves" / f"{term}.csv", float_format="%.6g")
+    for config, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
+        frame.to_csv(out_dir / "curves" / f"{config}.csv", float_format="%.6g")
     frame = table(summary)
     frame.to_csv(out_dir / "table.csv")
     (out_dir / "table.md").write_text(
@@ -214,7 +212,13 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     # the champion serves every condition, so it is chosen among the study's joint models
     config, seed = champion_seed(summary, evaluations, study_configurations(params), params.registry.champion_metric)
     run_id = tracking.seed_run_for(params.tracking.experiment, config, seed, Path(models_dir) / config / f"seed{seed}.pt")
-    version = tracking.register_champion(run_id, params.registry.model_name)
+    try:
+        version = tracking.register_champion(run_id, params.registry.model_name)
+    except ModelSourceError as err:  # a model whose training run is not in this store has nothing to register
+        print(f"champion not registered: {err}; the training run of {config} seed{seed} is not in this MLflow store "
+              f"(restored from DVC's run-cache, or pulled from a remote): `dvc repro -f train@{config}` logs one",
+              file=sys.stderr)
+        return frame
     print(f"champion by {params.registry.champion_metric}: {config} seed{seed} (run {run_id}) -> "
           f"models:/{params.registry.model_name}@champion, version {version}")
     return frame

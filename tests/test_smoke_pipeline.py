@@ -1,0 +1,56 @@
+"""The smoke pipeline is the main pipeline at CI size: the same stages, commands and dependencies, its own params."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO
+from digitgen.params import load_params
+
+SMOKE = REPO / "pipelines" / "smoke"
+
+
+def _as_root_sees_it(text: str) -> dict:
+    """The smoke dvc.yaml with its code paths (../../src) read from the root, where they are src."""
+    return yaml.safe_load(text.replace("../../src/", "src/"))
+
+
+def test_smoke_stages_match_the_main_pipelines():
+    smoke, main = _as_root_sees_it((SMOKE / "dvc.yaml").read_text()), yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert smoke == main, ("pipelines/smoke/dvc.yaml drifted from dvc.yaml; copy the root's stages into it with the "
+                           "code paths as ../../src/ (sed 's#- src/#- ../../src/#' dvc.yaml, then restore its header)")
+
+
+def test_smoke_dvc_yaml_and_its_code_are_real_files_that_dvc_reads_at_any_revision():
+    assert not (SMOKE / "dvc.yaml").is_symlink() and not (SMOKE / "src").exists()
+    for stage in yaml.safe_load((SMOKE / "dvc.yaml").read_text())["stages"].values():
+        for dep in stage.get("deps", []):
+            if dep.startswith("../../src/"):
+                assert (SMOKE / dep).resolve().is_file(), dep
+
+
+def test_smoke_params_are_valid_and_have_the_same_keys_as_the_main_params():
+    def keys(tree, prefix=""):
+        return {k for key, value in tree.items()
+                for k in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
+
+    smoke, main = (yaml.safe_load(p.read_text()) for p in (SMOKE / "params.yaml", REPO / "params.yaml"))
+    assert keys(smoke) == keys(main)
+    assert load_params(SMOKE / "params.yaml").tracking.experiment != load_params(REPO / "params.yaml").tracking.experiment
+
+
+@pytest.mark.parametrize("path", [REPO / "params.yaml", SMOKE / "params.yaml"], ids=["main", "smoke"])
+def test_dvc_exp_run_set_param_rewrites_one_line_and_keeps_every_comment(path, tmp_path):
+    """`dvc exp run -S train.lr=...` rewrites the params file through DVC's YAML round trip: the files are
+    written the way it writes, so only the value changes and each knob's documentation stays."""
+    from dvc.utils.serialize import modify_yaml
+
+    copy = tmp_path / "params.yaml"
+    copy.write_text(path.read_text())
+    with modify_yaml(copy) as params:
+        params["train"]["lr"] = 0.0003
+    before, after = path.read_text().splitlines(), copy.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert changed == [("  lr: 0.001", "  lr: 0.0003")]
