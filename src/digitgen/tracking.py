@@ -134,7 +134,7 @@ def _run(**start_kwargs):
     (Unless the store itself is gone: then the next start marks it KILLED, or resumes it.)
     """
     with store_errors("starting a run"):
-        run = mlflow.start_run(**start_kwargs)
+        run = mlflow.start_run(**start_kwargs, tags=_process_tags())  # set again when a run is resumed
     try:
         yield run
     except BaseException as error:
@@ -145,13 +145,13 @@ def _run(**start_kwargs):
         mlflow.end_run(_end_status(None))
 
 
-def _trainer_tags() -> dict[str, str]:
-    """Which process writes a run: how a later start tells a run that is still training from one whose trainer died."""
-    return {"trainer_host": socket.gethostname(), "trainer_pid": str(os.getpid())}
+def _process_tags() -> dict[str, str]:
+    """Which process writes a run: how a later start tells a run still being written from one whose process died."""
+    return {"process_host": socket.gethostname(), "process_pid": str(os.getpid())}
 
 
-def _trainer_gone(run) -> bool:
-    pid = int(run.data.tags["trainer_pid"])
+def _process_gone(run) -> bool:
+    pid = int(run.data.tags["process_pid"])
     if pid == os.getpid():  # a run of ours would not be RUNNING before we start one: the PID was reused
         return True
     try:
@@ -169,10 +169,10 @@ def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
     Runs trained elsewhere are left alone: their process cannot be seen from here.
     """
     client = MlflowClient()
-    where = ["attributes.status = 'RUNNING'", f"tags.trainer_host = '{socket.gethostname()}'",
+    where = ["attributes.status = 'RUNNING'", f"tags.process_host = '{socket.gethostname()}'",
              *(f"tags.{key} = '{value}'" for key, value in tags.items())]
     with store_errors("looking for runs left RUNNING"):
-        stale = [run for run in client.search_runs([exp_id], " and ".join(where)) if _trainer_gone(run)]
+        stale = [run for run in client.search_runs([exp_id], " and ".join(where)) if _process_gone(run)]
         for run in stale:
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
     return [run.info.run_id for run in stale]
@@ -200,9 +200,8 @@ class ConfigRun:
     def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str]):
         with _run(run_id=run_id, experiment_id=self.experiment_id, run_name=None if run_id else name, nested=True,
                   parent_run_id=self.run_id) as run:
-            with store_errors("tagging the seed run"):
-                mlflow.set_tags(_trainer_tags())
-                if run_id is None:
+            if run_id is None:
+                with store_errors("tagging the seed run"):
                     mlflow.set_tags({**tags, "seed": str(seed)})
                     mlflow.log_params({**flatten(params), "seed": str(seed)})
             yield SeedRun(run.info.run_id)
@@ -218,9 +217,8 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
         print(f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
               file=sys.stderr)
     with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name) as run:
-        with store_errors("tagging the configuration run"):
-            mlflow.set_tags(_trainer_tags())
-            if run_id is None:
+        if run_id is None:
+            with store_errors("tagging the configuration run"):
                 mlflow.set_tags({**tags, **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
                 mlflow.log_params(flatten(params))
         yield ConfigRun(run.info.run_id, exp_id)
