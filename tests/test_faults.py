@@ -241,7 +241,7 @@ def test_a_divergent_learning_rate_fails_the_run_and_writes_no_model(kind, prepa
 
 
 def test_a_loss_past_max_loss_counts_as_divergence(prepared_dir, tmp_path, mlflow_store):
-    with pytest.raises(DivergenceError, match=r"train_loss [\d.e+]+ \(limit: max_loss 10\); lower train.lr"):
+    with pytest.raises(DivergenceError, match=r"train_loss [\d.e+]+ \(limit: train.max_loss 10\); lower train.lr"):
         _train(_params(train={"epochs": 1, "max_loss": 10}), prepared_dir, tmp_path, "cae")
 
 

@@ -125,9 +125,9 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
         _check_divergence(model, row, params, label, epoch)
         history.append(row)
         logger.log_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-        files.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stream": stream.get_state(),
-                      "rng": torch.get_rng_state(), "history": history, "run_id": getattr(logger, "run_id", None),
-                      "done": False}, checkpoint)
+        files.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "stream": stream.get_state(), "rng": torch.get_rng_state(), "history": history,
+                          "run_id": getattr(logger, "run_id", None), "done": False}, checkpoint)
         tqdm.write(f"{label} epoch {epoch}/{params.epochs}: train_loss {row['train_loss']:.2f} "
                    f"val_loss {row['val_loss']:.2f} ({row['epoch_seconds']:.1f} s)", file=sys.stderr)
     return history
@@ -135,27 +135,27 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
 
 def _check_divergence(model: Model, row: dict[str, float], params: TrainParams, label: str, epoch: int) -> None:
     """Stop (before the epoch is checkpointed) when a loss is NaN or past max_loss, or a weight is not finite."""
-    lr_key = f"{'label_cvae.' if model.config.kind == LABEL_CVAE else ''}train.lr"
+    section = "label_cvae.train" if model.config.kind == LABEL_CVAE else "train"
     for key in ("train_loss", "val_loss"):
         if not math.isfinite(row[key]) or row[key] > params.max_loss:
-            problem = f"{key} {row[key]:.3g} (limit: max_loss {params.max_loss:g})"
+            problem = f"{key} {row[key]:.3g} (limit: {section}.max_loss {params.max_loss:g})"
             break
     else:
         if all(torch.isfinite(p).all() for p in model.parameters()):
             return
         problem = "weights became NaN or infinite"
-    raise DivergenceError(f"{label} diverged at epoch {epoch}: {problem}; lower {lr_key} (now {params.lr:g}) "
+    raise DivergenceError(f"{label} diverged at epoch {epoch}: {problem}; lower {section}.lr (now {params.lr:g}) "
                           "and run again")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
 def _raise_keyboard_interrupt(signum, frame):
     for stop in STOP_SIGNALS:  # a second signal must not interrupt the cleanup (checkpoint kept, run marked KILLED)
         signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
 @contextlib.contextmanager
