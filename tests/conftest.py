@@ -67,8 +67,9 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
     return uri
 
 
-def make_params(**sections):
-    """Valid params at test size; keyword arguments replace keys inside a section: train={"epochs": 1}."""
+def params_raw(**sections) -> dict:
+    """Valid params at test size, as params.yaml holds them; keyword arguments replace keys inside a section:
+    train={"epochs": 1}."""
     raw = {
         "data": {"mirrors": ["unused"], "train_size": 1000, "val_size": 200, "test_size": 200, "split_seed": 0},
         "study": {"models": ["cae", "cvae"], "latent_dims": [4]},
@@ -84,7 +85,12 @@ def make_params(**sections):
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
-    return parse_params(raw)
+    return raw
+
+
+def make_params(**sections):
+    """params_raw, validated: the Params a stage takes."""
+    return parse_params(params_raw(**sections))
 
 
 @dataclass(frozen=True)

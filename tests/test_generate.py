@@ -174,9 +174,10 @@ def _one_line_error(error_type, call, match: str) -> None:
     (torch.rand(2, 28, 28, 3), "expected one channel .* got 3 channels"),
     (torch.rand(2, 28, 28) * 255, r"expected pixel values in \[0, 1\], got values from"),
     (torch.full((1, 28, 28), -0.5), r"expected pixel values in \[0, 1\]"),
-    (torch.full((1, 28, 28), float("nan")), r"expected pixel values in \[0, 1\]"),
+    (torch.full((1, 28, 28), float("nan")), r"got 784 NaN or infinite values; replace them \(torch.nan_to_num\)"),
     (torch.zeros(2, 28, 28, dtype=torch.uint8), "expected float pixel values .*divide 8-bit images by 255"),
     (torch.rand(28, 28), "expected a batch of images shaped N x 28 x 28, got shape 28 x 28"),
+    (torch.rand(5, 784), r"got shape 5 x 784; these look like flattened images: images.reshape\(-1, 28, 28\)"),
 ])
 def test_bad_images_are_refused(trained_models, images, match):
     _one_line_error(InputError, lambda: _model(trained_models, "cae").classify(images), match)

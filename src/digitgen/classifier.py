@@ -15,7 +15,6 @@ features and statistics by that name alone.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -28,6 +27,7 @@ from torch import nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen.data import Digits, load_split
+from digitgen.files import save_torch, weights_checksum, write_atomic
 from digitgen.models import NUM_DIGITS
 from digitgen.params import ClassifierParams, DigitgenError
 from digitgen.train import resolve_device
@@ -80,14 +80,26 @@ def build_classifier(params: ClassifierParams) -> DigitClassifier:
 
 
 def save_classifier(model: DigitClassifier, path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"config": model.config, "state_dict": model.state_dict()}, path)
+    """Architecture, weights and their checksum, written atomically."""
+    state_dict = model.state_dict()
+    save_torch({"config": model.config, "state_dict": state_dict,
+                "sha256": weights_checksum(model.config, state_dict)}, path)
 
 
-def load_classifier(path: Path) -> DigitClassifier:
+def read_checkpoint(path: Path) -> dict:
+    """The saved classifier ({config, state_dict, sha256}), its weights checked against their checksum."""
     if not Path(path).is_file():
         raise ClassifierError(f"{path} not found; run `dvc repro classifier` (or `digitgen classifier`) first")
     blob = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(blob, dict) and "sha256" in blob
+            and weights_checksum(blob["config"], blob["state_dict"]) == blob["sha256"]):
+        raise ClassifierError(f"{path} is corrupt or not a classifier written by this version (its weights do not "
+                              "match a saved checksum); delete it and run `dvc repro classifier`")
+    return blob
+
+
+def load_classifier(path: Path) -> DigitClassifier:
+    blob = read_checkpoint(path)
     model = DigitClassifier(**blob["config"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
@@ -124,8 +136,7 @@ def run_classifier(params: ClassifierParams, prepared_dir: Path, out_path: Path,
     model = build_classifier(params).to(device)
     fit(model, train, params, device)
     metrics = {"test_accuracy": model.accuracy(test, params.batch_size)}
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
     if metrics["test_accuracy"] < params.min_test_accuracy:
         raise ClassifierError(f"test accuracy {metrics['test_accuracy']:.4f} is below classifier.min_test_accuracy "
                               f"{params.min_test_accuracy}; train longer (classifier.epochs) or widen classifier.channels")
@@ -163,19 +174,10 @@ class ClassifierFeatures(torch_fidelity.FeatureExtractorBase):
         return tuple(provided[name] for name in self.features_list)
 
 
-def weights_hash(checkpoint: dict) -> str:
-    """md5 of the architecture and every weight: the file's own bytes also hold its name (torch.save's archive)."""
-    digest = hashlib.md5(json.dumps(checkpoint["config"], sort_keys=True).encode())
-    for key, tensor in checkpoint["state_dict"].items():
-        digest.update(key.encode())
-        digest.update(tensor.cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def register_feature_extractor(path: Path) -> str:
     """Register the classifier at `path` with torch-fidelity (once per process per weights) and return its name."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    name = f"digitgen-classifier-{weights_hash(checkpoint)[:12]}"
+    checkpoint = read_checkpoint(path)
+    name = f"digitgen-classifier-{checkpoint['sha256'][:12]}"
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(
             name, type(f"ClassifierFeatures_{name[-12:]}", (ClassifierFeatures,), {"checkpoint": checkpoint}))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
-from digitgen.params import LABEL_CVAE, MODEL_KINDS, DigitgenError, load_params
+from digitgen.params import LABEL_CVAE, MODEL_KINDS, DigitgenError, config_name, load_params, override
 
 
 def _download(args, params) -> None:
@@ -24,17 +25,26 @@ def _split(args, params) -> None:
 
 
 def _train(args, params) -> None:
-    from digitgen.train import config_name, run_train
+    from digitgen.files import folder_lock
 
+    _check_configuration(args, params)
+    train_params, section = ((params.label_cvae.train, "label_cvae.train") if args.model == LABEL_CVAE
+                             else (params.train, "train"))
+    if args.seeds is not None:
+        override(train_params, section, "--seeds", seeds=args.seeds)
+    if args.device is not None:
+        override(train_params, section, "--device", device=args.device)
     name = config_name(args.model, args.latent_dim)
-    run_train(params, args.model, args.latent_dim, args.data, args.out or Path("models") / name,
-              args.history or Path("histories") / name, args.checkpoints or Path("checkpoints") / name, args.device,
-              args.seeds)
+    checkpoints = args.checkpoints or Path("checkpoints") / name
+    with folder_lock(checkpoints, "trainer"):  # a second trainer stops at once, not after its imports
+        from digitgen.train import run_train
+
+        run_train(params, args.model, args.latent_dim, args.data, args.out or Path("models") / name,
+                  args.history or Path("histories") / name, checkpoints, args.device, args.seeds)
 
 
 def _label_cvae_figures(args, params) -> None:
     from digitgen.latent import run_label_cvae_figures
-    from digitgen.train import config_name
 
     models = args.models or Path("models") / config_name(LABEL_CVAE, params.label_cvae.latent_dim)
     for path in run_label_cvae_figures(params.label_cvae.figures, models, args.data, args.out):
@@ -93,8 +103,8 @@ def _reference(args, params) -> None:
 
 def _evaluate(args, params) -> None:
     from digitgen.evaluate import run_evaluate
-    from digitgen.train import config_name
 
+    _check_configuration(args, params)
     name = config_name(args.model, args.latent_dim)
     run_evaluate(params.evaluate, params.tracking.experiment, args.model, args.latent_dim,
                  args.models or Path("models") / name,
@@ -117,6 +127,14 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
     p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
     p.add_argument("--latent-dim", type=int, required=True)
+
+
+def _check_configuration(args, params) -> None:
+    """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim)."""
+    if args.model == LABEL_CVAE:
+        override(params.label_cvae, "label_cvae", "--latent-dim", latent_dim=args.latent_dim)
+    else:
+        override(params.study, "study", "--latent-dim", latent_dims=[args.latent_dim])
 
 
 def _judge_arguments(p: argparse.ArgumentParser) -> None:
@@ -165,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--digit", type=int, help="the digit to draw n times")
     what.add_argument("--digits", help="a digit string such as 2026, one tile per character")
-    p.add_argument("-n", type=int, help="images of --digit (default: 1)")
+    p.add_argument("-n", type=int, help="images of --digit (default: 1; at most 10,000, one PNG row)")
     p.add_argument("--same-style", action="store_true", help="one style noise for every image")
     p.add_argument("--seed", type=int, help="seed of the style noise (default: a fresh draw)")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
@@ -234,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"digitgen {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"digitgen {args.command}: interrupted; finished epochs are checkpointed, "
-              "run the same command (or `dvc repro`) to resume", file=sys.stderr)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not print a traceback while we exit
+        resume = "; finished epochs are checkpointed, run the same command (or `dvc repro`) to resume"
+        print(f"digitgen {args.command}: interrupted{resume if args.command == 'train' else ''}", file=sys.stderr)
         return 130
     return status or 0
 

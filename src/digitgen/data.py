@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from digitgen.files import save_torch, write_atomic
 from digitgen.params import DataParams, DigitgenError
 
 MIRROR_ENV = "DIGITGEN_MNIST_MIRROR"  # a folder or URL tried before params' mirrors (CI: ../shared/mnist)
@@ -136,7 +137,7 @@ class Digits:
         return self.images.reshape(len(self), -1).float().div_(255.0)
 
     def save(self, path: Path) -> None:
-        torch.save({"images": self.images, "labels": self.labels}, path)
+        save_torch({"images": self.images, "labels": self.labels}, path)
 
     @classmethod
     def load(cls, path: Path) -> "Digits":
@@ -184,8 +185,7 @@ def run_split(params: DataParams, raw_dir: Path, out_dir: Path, counts_path: Pat
     for name, digits in splits.items():
         digits.save(out_dir / f"{name}.pt")
     counts = class_counts(splits)
-    Path(counts_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(counts_path).write_text(json.dumps(counts, indent=2) + "\n")
+    write_atomic(counts_path, json.dumps(counts, indent=2) + "\n")
     return counts
 
 

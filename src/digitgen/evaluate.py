@@ -40,6 +40,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
+from digitgen.files import write_atomic
 from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize
 from digitgen.params import DigitgenError, EvaluateParams
 from digitgen.train import config_name, resolve_device
@@ -263,8 +264,7 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
 
 
 def write_json(data: dict, path: Path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2) + "\n")
+    write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path,

@@ -3,6 +3,7 @@ stages that write results/."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
@@ -11,6 +12,8 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from digitgen.files import write_atomic  # noqa: E402
 
 LOSS_TERMS = ("loss", "bce", "nll", "kl")
 
@@ -66,12 +69,11 @@ def latent_scatter(points: torch.Tensor, digits: torch.Tensor, title: str = "") 
 
 
 def save(figure: Figure, path: Path) -> Path:
-    """Write a figure as PNG (parents created) and free it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=150)
+    """Write a figure as PNG (parents created, atomically) and free it."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=150)
     plt.close(figure)
-    return path
+    return write_atomic(path, buffer.getvalue())
 
 
 def _loss_axes(ax, histories: dict[str, list[dict[str, float]]], title: str) -> None:

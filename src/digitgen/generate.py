@@ -16,6 +16,7 @@ with an `InputError` whose one line names what was expected.
 
 from __future__ import annotations
 
+import io
 import math
 import pickle
 import re
@@ -29,10 +30,15 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from digitgen import figures
+from digitgen.files import write_atomic
 from digitgen.models import IMAGE_DIM, NUM_DIGITS, UnsupportedTask, load_model
 from digitgen.params import DigitgenError
 
 SIDE = 28  # MNIST images are 28 x 28 pixels
+# The most images one PNG row (generate, reconstruct) or one PNG read may hold: 10,000 tiles are a
+# 280,000-pixel row of 7.8 MB in memory; more is refused before any work, and so is a PNG (a
+# decompression bomb) whose header claims more pixels than that.
+MAX_IMAGES = 10_000
 MODES = ("generate", "classify", "reconstruct", "validate")  # the pyfunc's `mode` column
 MODEL_SOURCES = ("a model file written by `digitgen train` (models/<kind>-<latent_dim>/seed<s>.pt) "
                  "or an MLflow URI (runs:/<run_id>, models:/<name>@<alias>)")
@@ -70,6 +76,9 @@ def as_images(images) -> torch.Tensor:
             raise InputError(f"expected one channel (grayscale images N x 28 x 28), got {channels} channels "
                              f"in shape {_shape(x)}")
         x = x[..., 0] if channels_last else x[:, 0]
+    if x.ndim == 2 and x.shape[1] == IMAGE_DIM:
+        raise InputError(f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}; these look like "
+                         "flattened images: images.reshape(-1, 28, 28)")
     if x.ndim != 3:
         raise InputError(f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}"
                          + ("; add a batch dimension: images[None]" if x.ndim == 2 else ""))
@@ -77,7 +86,10 @@ def as_images(images) -> torch.Tensor:
         raise InputError(f"expected images of 28 x 28 pixels, got {x.shape[1]} x {x.shape[2]}")
     if not x.is_floating_point():
         raise InputError(f"expected float pixel values in [0, 1], got {x.dtype} (divide 8-bit images by 255)")
-    if len(x) and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+    if not torch.isfinite(x).all():
+        raise InputError(f"expected pixel values in [0, 1], got {(~torch.isfinite(x)).sum().item()} NaN or infinite "
+                         "values; replace them (torch.nan_to_num) before passing the images")
+    if len(x) and not (x.min() >= 0 and x.max() <= 1):
         raise InputError(f"expected pixel values in [0, 1], got values from {x.min().item():g} to {x.max().item():g}")
     return x.reshape(len(x), IMAGE_DIM).float()
 
@@ -336,18 +348,24 @@ def read_png(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected a 28 x 28 grayscale PNG")
+    too_big = InputError(f"{path}: more pixels than {MAX_IMAGES} tiles of 28 x 28 (or a decompression bomb); "
+                         "split it into smaller PNG files")
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as image:  # reads the header only: size is known before any pixel is decompressed
+            if image.width * image.height > MAX_IMAGES * SIDE * SIDE:
+                raise too_big
             image.load()
+    except Image.DecompressionBombError:
+        raise too_big from None
     except (UnidentifiedImageError, OSError):
         raise InputError(f"{path}: not an image file; expected a 28 x 28 grayscale PNG") from None
+    width, height = image.size
     bands = image.getbands()
     if len(bands) > 1:
         raise InputError(f"{path}: expected one channel (grayscale), got {len(bands)} channels ({image.mode}); "
                          "convert it to grayscale first")
     if image.mode not in ("L", "1"):
         raise InputError(f"{path}: expected 8-bit grayscale pixels, got image mode {image.mode}")
-    width, height = image.size
     if width % SIDE or height % SIDE or not width or not height:
         raise InputError(f"{path}: expected 28 x 28 pixels (or a grid of 28 x 28 tiles), got {width} x {height}")
     pixels = torch.from_numpy(np.asarray(image.convert("L"), dtype=np.float32) / 255)
@@ -358,9 +376,18 @@ def write_png(image: torch.Tensor, path: str | Path) -> None:
     """Write images (N x 28 x 28, side by side in one row) or one image (H x W), values in [0, 1], as an 8-bit PNG."""
     image = image.detach().cpu()
     canvas = figures.tile(image, nrow=len(image)) if image.ndim == 3 else image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((canvas * 255).round().to(torch.uint8).numpy()).save(path, format="PNG")
+    buffer = io.BytesIO()
+    Image.fromarray((canvas * 255).round().to(torch.uint8).numpy()).save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
+def require_png_path(out: Path, count: int) -> None:
+    """Refuse, before the model loads, an --out that is a folder or a row longer than MAX_IMAGES."""
+    if count > MAX_IMAGES:
+        raise InputError(f"expected at most {MAX_IMAGES} images in one PNG row, got {count}; "
+                         "run the command several times with fewer")
+    if Path(out).is_dir():
+        raise InputError(f"--out {out} is a folder; give a file name such as {Path(out) / 'digits.png'}")
 
 
 def read_pngs(paths: list[str | Path]) -> tuple[torch.Tensor, list[str]]:
@@ -382,6 +409,7 @@ def run_generate(source: str, out: Path, digit: int | None = None, n: int | None
         digit_string(digits)
     else:
         as_labels(digit)
+    require_png_path(out, len(digits) if digits is not None else 1 if n is None else n)
     model = load(source)
     if digits is not None:
         image, count = generate_string(model, digits, same_style, seed), len(digits)
@@ -403,6 +431,7 @@ def run_reconstruct(source: str, paths: list[Path], out: Path,
                     labels: list[int] | None = None) -> list[tuple[str, int | None, float | None]]:
     """`digitgen reconstruct`: reconstructions as one PNG row; (image, digit, probability) for each."""
     images, names = read_pngs(paths)
+    require_png_path(out, len(images))
     result = load(source).reconstruct(images, labels)
     write_png(result.images, out)
     if result.digits is None:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digitgen.files import save_torch, weights_checksum
 from digitgen.params import DigitgenError
 
 IMAGE_DIM = 28 * 28
@@ -316,15 +317,31 @@ class ModelNotFoundError(DigitgenError):
     """A model file that is not there; the message names it and how to make it."""
 
 
+class ModelFileError(DigitgenError):
+    """A model file that is there but is not a whole digitgen model; the message names it and the fix."""
+
+
 def save_model(model: Model, path: Path) -> None:
-    """Weights plus the config that rebuilds them; loadable with torch.load(weights_only=True)."""
-    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path)
+    """Weights, the config that rebuilds them and their checksum, written atomically; loadable with
+    torch.load(weights_only=True)."""
+    config, state_dict = asdict(model.config), model.state_dict()
+    save_torch({"config": config, "state_dict": state_dict, "sha256": weights_checksum(config, state_dict)}, path)
 
 
 def load_model(path: Path, map_location: str | torch.device = "cpu") -> Model:
+    """The model saved at `path`; a file whose weights no longer match their checksum is refused.
+
+    (Files written before checksums were saved, which have none, load unchecked.)
+    """
     if not Path(path).is_file():
         raise ModelNotFoundError(f"{path} not found; train it first (`dvc repro`) or give the path of a trained model")
     blob = torch.load(path, map_location=map_location, weights_only=True)
+    if not (isinstance(blob, dict) and {"config", "state_dict"} <= blob.keys()):
+        raise ModelFileError(f"{path} holds a {type(blob).__name__}, not a digitgen model (a dict of config and "
+                             "state_dict); give a model file written by `digitgen train`")
+    if "sha256" in blob and weights_checksum(blob["config"], blob["state_dict"]) != blob["sha256"]:
+        raise ModelFileError(f"{path} is corrupt: its weights do not match the checksum saved with them; delete it "
+                             "and retrain (`dvc repro`) or fetch a good copy")
     model = build_model(ModelConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

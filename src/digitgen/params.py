@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import yaml
 
@@ -25,6 +26,12 @@ INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a
 # per digit fitted to training latents; prior, z ~ N(0, I) (the label CVAE's own way; the study's models
 # carry the digit in z, so for them the prior ignores the label)
 SAMPLERS = ("study", "fitted", "prior")
+T = TypeVar("T")
+
+
+def config_name(kind: str, latent_dim: int) -> str:
+    """A configuration's name in folders, stages and MLflow runs: cae-16."""
+    return f"{kind}-{latent_dim}"
 
 
 class DigitgenError(Exception):
@@ -93,6 +100,7 @@ class TrainParams:
     # Relative weight of each input mode when drawing one per batch (normalised to probabilities).
     input_modes: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in INPUT_MODES})
     device: str = "auto"  # auto: CUDA when present, else CPU
+    max_loss: float = 1000.0  # an epoch's mean training loss above this (or any NaN) stops training as diverged
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
@@ -105,6 +113,7 @@ class TrainParams:
         _require(all(w >= 0 for w in self.input_modes.values()) and sum(self.input_modes.values()) > 0,
                  "input_modes", "non-negative weights with a positive sum", self.input_modes)
         _require_device(self.device)
+        _require(self.max_loss > 0, "max_loss", "a positive number", self.max_loss)
 
 
 def _require_device(device: str) -> None:
@@ -298,14 +307,48 @@ def parse_params(raw: object) -> Params:
     return typing.cast(Params, _build(Params, raw, ""))
 
 
+def override(section: T, key: str, argument: str, **values) -> T:
+    """A params section (at `key`) with command-line values put in, checked by the rules params.yaml is checked by.
+
+    The error names the argument and the rule: `--latent-dim 0: study.latent_dims must be ...`.
+    """
+    try:
+        return dataclasses.replace(section, **values)
+    except ParamsError as err:
+        given = " ".join(map(str, v)) if isinstance(v := next(iter(values.values())), list) else v
+        raise ParamsError(f"{argument} {given}: {key}.{err}") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (YAML forbids it, DVC refuses it,
+    PyYAML would keep the last value)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> object:
+    """A YAML file's contents; a syntax error or a duplicate key is a ParamsError naming line and column."""
+    try:
+        return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise ParamsError(f"{path}:{mark.line + 1}:{mark.column + 1}: {err.problem}; fix the YAML there") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path} not found; run from the folder that holds params.yaml (the repository root)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    raw = read_yaml(path)
     try:
         return parse_params(raw)
     except ParamsError as err:

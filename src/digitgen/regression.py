@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import yaml
 
 from digitgen.evaluate import METRICS
-from digitgen.params import DigitgenError
+from digitgen.params import DigitgenError, read_yaml
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class Verdict:
 
 def load_thresholds(path: Path) -> dict[str, tuple[str, float]]:
     """{metric: ("abs" | "rel", tolerance)}, checked against the declared metrics."""
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = read_yaml(path) or {}
     thresholds = {}
     for metric, rule in raw.items():
         if metric not in METRICS:
@@ -52,7 +51,19 @@ def _load_summary(path: Path, what: str) -> dict:
     if not Path(path).is_file():
         raise DigitgenError(f"{what} {path} not found; run the smoke pipeline first "
                             "(`uv run dvc repro pipelines/smoke/dvc.yaml`)")
-    return json.loads(Path(path).read_text())
+    try:
+        summary = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DigitgenError(f"{what} {path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
+                            "regenerate it (`uv run dvc repro pipelines/smoke/dvc.yaml`)") from None
+    shape_ok = isinstance(summary, dict) and all(
+        isinstance(metrics, dict) and all(isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float))
+                                          for entry in metrics.values())
+        for metrics in summary.values())
+    if not shape_ok:
+        raise DigitgenError(f"{what} {path} is not a metrics summary ({{configuration: {{metric: {{\"mean\": number, "
+                            "...}}}); give the aggregate stage's metrics.json")
+    return summary
 
 
 def compare(baseline: dict, current: dict, thresholds: dict[str, tuple[str, float]]) -> list[Verdict]:

@@ -11,7 +11,9 @@ import contextlib
 import importlib.metadata
 import os
 import re
+import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ import mlflow
 import mlflow.pyfunc
 import mlflow.pytorch
 import pandas as pd
+import requests
 import torch
 from mlflow.entities import Metric, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
@@ -31,6 +34,7 @@ from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 from digitgen import generate
 from digitgen.data import md5sum
 from digitgen.models import save_model
+from digitgen.params import DigitgenError
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -38,6 +42,11 @@ PYFUNC_NAME = "pyfunc"  # each seed run's serving model: runs:/<run_id>/pyfunc
 CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
 WEIGHTS_FILE = "model.pt"  # the pyfunc's weights, as models.save_model writes them
 MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote (DVC's hash of that file)
+# MLflow retries an unreachable tracking server for minutes by default (7 retries, 120 s timeouts);
+# these fail in seconds instead. A user's own settings of the variables win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+STORE_ERRORS = (MlflowException, OSError, requests.RequestException)  # what a store that is down or read-only raises
 
 
 def project_root() -> Path:
@@ -63,12 +72,27 @@ def experiment_id(name: str) -> str:
     """Point MLflow at our store and return the experiment's id, creating it (artifacts at the root) if new."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
-    # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
-    location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
-    return mlflow.create_experiment(name, artifact_location=location)
+    with store_errors("opening the experiment"):
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
+        location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
+        return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def store_errors(doing: str):
+    """A tracking store that is unreachable, read-only or full, as one line naming it and the fix."""
+    try:
+        yield
+    except STORE_ERRORS as err:
+        text = str(err)
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(r"\(sqlite3\.\w+\) ([^\n\[]+)", text)
+        reason = cause.group(1).strip() if cause else text.splitlines()[0][:200] if text else type(err).__name__
+        raise TrackingError(f"the MLflow store {tracking_uri()} failed while {doing} ({reason}); make it reachable "
+                            "and writable (or set MLFLOW_TRACKING_URI to one that is), then run the same command "
+                            "again (a stopped training resumes from its last checkpoint)") from None
 
 
 def git_tags() -> dict[str, str]:
@@ -107,14 +131,53 @@ def _end_status(error: BaseException | None) -> str:
 
 @contextlib.contextmanager
 def _run(**start_kwargs):
-    """mlflow.start_run that ends as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, never left RUNNING."""
-    run = mlflow.start_run(**start_kwargs)
+    """mlflow.start_run that ends as FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED, never left RUNNING.
+
+    (Unless the store itself is gone: then the next start marks it KILLED, or resumes it.)
+    """
+    with store_errors("starting a run"):
+        run = mlflow.start_run(**start_kwargs, tags=_process_tags())  # set again when a run is resumed
     try:
         yield run
     except BaseException as error:
-        mlflow.end_run(_end_status(error))
+        with contextlib.suppress(*STORE_ERRORS):
+            mlflow.end_run(_end_status(error))
         raise
-    mlflow.end_run(_end_status(None))
+    with store_errors("ending a run"):
+        mlflow.end_run(_end_status(None))
+
+
+def _process_tags() -> dict[str, str]:
+    """Which process writes a run: how a later start tells a run still being written from one whose process died."""
+    return {"process_host": socket.gethostname(), "process_pid": str(os.getpid())}
+
+
+def _process_gone(run) -> bool:
+    pid = int(run.data.tags["process_pid"])
+    if pid == os.getpid():  # a run of ours would not be RUNNING before we start one: the PID was reused
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, someone else's
+        return False
+    return False
+
+
+def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
+    """Mark KILLED the RUNNING runs with these tags whose trainer on this machine is gone (kill -9, a crash).
+
+    Runs trained elsewhere are left alone: their process cannot be seen from here.
+    """
+    client = MlflowClient()
+    where = ["attributes.status = 'RUNNING'", f"tags.process_host = '{socket.gethostname()}'",
+             *(f"tags.{key} = '{value}'" for key, value in tags.items())]
+    with store_errors("looking for runs left RUNNING"):
+        stale = [run for run in client.search_runs([exp_id], " and ".join(where)) if _process_gone(run)]
+        for run in stale:
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+    return [run.info.run_id for run in stale]
 
 
 class SeedRun:
@@ -124,7 +187,8 @@ class SeedRun:
         self.run_id = run_id
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        mlflow.log_metrics(metrics, step=epoch)
+        with store_errors(f"logging epoch {epoch}"):
+            mlflow.log_metrics(metrics, step=epoch)
 
 
 class ConfigRun:
@@ -139,19 +203,26 @@ class ConfigRun:
         with _run(run_id=run_id, experiment_id=self.experiment_id, run_name=None if run_id else name, nested=True,
                   parent_run_id=self.run_id) as run:
             if run_id is None:
-                mlflow.set_tags({**tags, "seed": str(seed)})
-                mlflow.log_params({**flatten(params), "seed": str(seed)})
+                with store_errors("tagging the seed run"):
+                    mlflow.set_tags({**tags, "seed": str(seed)})
+                    mlflow.log_params({**flatten(params), "seed": str(seed)})
             yield SeedRun(run.info.run_id)
 
 
 @contextlib.contextmanager
 def config_run(experiment: str, name: str, run_id: str | None, params: dict, tags: dict[str, str]):
-    """Open the parent run of a configuration (reopened by id when resuming)."""
+    """Open the parent run of a configuration (reopened by id when resuming), first marking KILLED its
+    runs (parent and seeds) left RUNNING by a trainer that died."""
     exp_id = experiment_id(experiment)
+    stale = end_stale_runs(exp_id, tags)
+    if stale:
+        print(f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
+              file=sys.stderr)
     with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name) as run:
         if run_id is None:
-            mlflow.set_tags({**tags, **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
-            mlflow.log_params(flatten(params))
+            with store_errors("tagging the configuration run"):
+                mlflow.set_tags({**tags, **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
+                mlflow.log_params(flatten(params))
         yield ConfigRun(run.info.run_id, exp_id)
 
 
@@ -167,16 +238,17 @@ def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, 
     signature is that of `reconstruct(images, digits)`, the one call every model answers from the same
     inputs (the label CVAE needs the digits to encode).
     """
-    for filename, figure in figures.items():
-        mlflow.log_figure(figure, filename)
-        plt.close(figure)
-    with torch.no_grad():
-        output, _ = model.reconstruct(images, digits)
-    signature = infer_signature({"images": images.numpy(), "digits": digits.numpy()}, output.numpy())
-    # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
-    mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                             code_paths=[str(Path(__file__).parent)], pip_requirements=_pinned("torch"))
-    _log_pyfunc(model, images[0].reshape(28, 28), int(digits[0]))
+    with store_errors("logging the trained model"):
+        for filename, figure in figures.items():
+            mlflow.log_figure(figure, filename)
+            plt.close(figure)
+        with torch.no_grad():
+            output, _ = model.reconstruct(images, digits)
+        signature = infer_signature({"images": images.numpy(), "digits": digits.numpy()}, output.numpy())
+        # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
+        mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
+                                 code_paths=[str(Path(__file__).parent)], pip_requirements=_pinned("torch"))
+        _log_pyfunc(model, images[0].reshape(28, 28), int(digits[0]))
 
 
 class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
@@ -245,6 +317,10 @@ def pyfunc_weights(uri: str):
             reason = str(err).splitlines()[0]
             raise generate.ModelSourceError(f"{uri}: no such MLflow model in {tracking_uri()} ({reason}); "
                                             "expected runs:/<run_id> or models:/<name>@<alias>") from None
+        except ImportError as err:  # s3://, gs://, ... need their client package
+            raise generate.ModelSourceError(f"{uri}: reading it needs the package {err.name}, which is not installed; "
+                                            "install it (s3://: `uv add boto3`) or download the model file and pass "
+                                            "its path") from None
         except (OSError, KeyError, TypeError):
             raise generate.ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the '{PYFUNC_NAME}' "
                                             "model that `digitgen train` logs in every seed run") from None
@@ -273,6 +349,10 @@ def register_champion(run_id: str, model_name: str) -> str:
     version = mlflow.register_model(logged[0].model_uri, model_name)
     client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
     return version.version
+
+
+class TrackingError(DigitgenError):
+    """The tracking store, or a run in it, cannot be used; the message names the store and the fix."""
 
 
 def tag_model_file(run_id: str, path: Path) -> None:

@@ -13,13 +13,20 @@ the seed run is found again by the md5 of its model file (tracking.MODEL_MD5_TAG
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
 import hashlib
+import io
 import json
+import math
+import os
+import pickle
 import shutil
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Protocol
@@ -27,19 +34,29 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from digitgen import figures, tracking
+from digitgen import figures, files, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import LabelCVAE, Model, ModelConfig, build_model, save_model
-from digitgen.params import INPUT_MODES, LABEL_CVAE, Params, TrainParams
+from digitgen.params import INPUT_MODES, LABEL_CVAE, DigitgenError, Params, TrainParams, config_name
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
+class DivergenceError(DigitgenError):
+    """Training that blew up (a NaN, or a loss past max_loss); the message names the run, the epoch and the fix."""
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    present = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+               "mps": torch.backends.mps.is_available()}.get(device.type, True)
+    if not present:
+        raise DigitgenError(f"device {name} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
+                            "GPUs); set the stage's device to auto or cpu in params.yaml (or pass --device cpu)")
+    return device
 
 
 def mode_probabilities(weights: dict[str, float]) -> dict[str, float]:
@@ -117,24 +134,63 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
         row = {"epoch": epoch, **{f"train_{t}": v for t, v in zip(figures.LOSS_TERMS, (sums / len(y_train)).tolist())}}
         row.update(validation_losses(model, x_val, y_val, params, seed))
         row["epoch_seconds"] = time.perf_counter() - started
+        _check_divergence(model, row, params, label, epoch)
         history.append(row)
         logger.log_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "stream": stream.get_state(),
-                      "rng": torch.get_rng_state(), "history": history, "run_id": getattr(logger, "run_id", None),
-                      "done": False}, checkpoint)
+        files.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "stream": stream.get_state(), "rng": torch.get_rng_state(), "history": history,
+                          "run_id": getattr(logger, "run_id", None), "done": False}, checkpoint)
         tqdm.write(f"{label} epoch {epoch}/{params.epochs}: train_loss {row['train_loss']:.2f} "
                    f"val_loss {row['val_loss']:.2f} ({row['epoch_seconds']:.1f} s)", file=sys.stderr)
     return history
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+def _check_divergence(model: Model, row: dict[str, float], params: TrainParams, label: str, epoch: int) -> None:
+    """Stop (before the epoch is checkpointed) when a loss is NaN or past max_loss, or a weight is not finite."""
+    section = "label_cvae.train" if model.config.kind == LABEL_CVAE else "train"
+    for key in ("train_loss", "val_loss"):
+        if not math.isfinite(row[key]) or row[key] > params.max_loss:
+            problem = f"{key} {row[key]:.3g} (limit: {section}.max_loss {params.max_loss:g})"
+            break
+    else:
+        if all(torch.isfinite(p).all() for p in model.parameters()):
+            return
+        problem = "weights became NaN or infinite"
+    raise DivergenceError(f"{label} diverged at epoch {epoch}: {problem}; lower {section}.lr (now {params.lr:g}) "
+                          "and run again")
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
 
 
 def _raise_keyboard_interrupt(signum, frame):
+    for stop in STOP_SIGNALS:  # a second signal must not interrupt the cleanup (checkpoint kept, run marked KILLED)
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """Ctrl-C, SIGTERM and SIGHUP (unless ignored, as under nohup) end training as KeyboardInterrupt.
+
+    Under DVC (Linux) the trainer also gets SIGTERM when its dvc process dies, so `kill <dvc pid>` never
+    leaves an orphaned trainer writing to the checkpoints.
+    """
+    previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
+    for stop, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(stop, _raise_keyboard_interrupt)
+    with_parent = sys.platform == "linux" and bool(os.environ.get("DVC_STAGE"))
+    if with_parent:
+        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if with_parent:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
+        for stop, handler in previous.items():
+            signal.signal(stop, handler)
 
 
 TIMINGS = ("epoch_seconds",)  # history columns that differ run to run: logged, never cached
@@ -142,20 +198,16 @@ TIMINGS = ("epoch_seconds",)  # history columns that differ run to run: logged, 
 
 def write_history(rows: list[dict[str, float]], path: Path) -> None:
     """The learning curves, DVC-cached: every column but the timings (those go to MLflow only)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k not in TIMINGS], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k not in TIMINGS], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    files.write_atomic(path, text.getvalue())
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def config_name(kind: str, latent_dim: int) -> str:
-    return f"{kind}-{latent_dim}"
 
 
 def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig, TrainParams]:
@@ -181,7 +233,41 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
               history_dir: Path, checkpoint_dir: Path, device: str | None = None,
               seeds: list[int] | None = None) -> dict:
     """Stages `train` and `train_label_cvae`: every seed (params', or `seeds`) of one configuration;
-    returns the MLflow run ids: {"parent_run_id": ..., "seed_run_ids": {seed: ...}}."""
+    returns the MLflow run ids: {"parent_run_id": ..., "seed_run_ids": {seed: ...}}.
+
+    The trainer owns checkpoint_dir while it runs (a second trainer stops at once, naming this one's
+    PID) and stops on Ctrl-C, SIGTERM or SIGHUP keeping its last finished epoch.
+    """
+    with files.folder_lock(Path(checkpoint_dir), "trainer"), _stopped_by_signals():
+        return _train_configuration(params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir,
+                                    device, seeds)
+
+
+def _read_checkpoint(path: Path) -> dict | None:
+    """A seed's checkpoint, or None when there is none yet; a damaged one stops with one line."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
+        raise files.StorageError(f"{path} is truncated or corrupt; delete it (that seed then starts again from "
+                                 "epoch 1) and run the same command again") from None
+
+
+def _read_state(path: Path) -> dict:
+    """checkpoint_dir/state.json (fingerprint, parent run id), or {} when there is none yet."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise files.StorageError(f"{path} is truncated or corrupt; delete {path.parent} (training then starts "
+                                 "afresh) and run the same command again") from None
+
+
+def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
+                         history_dir: Path, checkpoint_dir: Path, device: str | None,
+                         seeds: list[int] | None) -> dict:
     prepared_dir, out_dir, history_dir, checkpoint_dir = map(Path, (prepared_dir, out_dir, history_dir, checkpoint_dir))
     config, train_params = model_setup(params, kind, latent_dim)
     if seeds is not None:
@@ -192,45 +278,41 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
 
     fingerprint = _fingerprint(config, train_params, prepared_dir)
     state_file = checkpoint_dir / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    state = _read_state(state_file)
     if state.get("fingerprint") != fingerprint:
         if state:
             print(f"{name}: checkpoints in {checkpoint_dir} are for other params or data; starting afresh", file=sys.stderr)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         state = {"fingerprint": fingerprint}
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (checkpoint_dir, out_dir, history_dir):  # a read-only or missing folder fails now, not after training
+        files.require_writable(folder)
 
     tags = {"model": kind, "latent_dim": str(latent_dim)}
     run_params = _run_params(params, config, train_params)
-    previous_sigterm = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    try:
-        with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags) as parent:
-            state["parent_run_id"] = parent.run_id
-            state_file.write_text(json.dumps(state))
-            seed_runs = {}
-            for seed in train_params.seeds:
-                checkpoint = checkpoint_dir / f"seed{seed}.pt"
-                saved = torch.load(checkpoint, weights_only=True) if checkpoint.is_file() else None
-                torch.manual_seed(seed)
-                model = build_model(config).to(dev)
-                if saved is not None and saved["done"]:
-                    model.load_state_dict(saved["model"])
-                    history, run_id = saved["history"], saved["run_id"]
-                else:
-                    with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags) as run:
-                        history = fit(model, train, val, train_params, seed, run, checkpoint, saved, dev,
-                                      f"{name} seed{seed}")
-                        _log_seed_artifacts(model, history, val, name, seed)
-                        run_id = run.run_id
-                    saved = torch.load(checkpoint, weights_only=True)
-                    _atomic_save({**saved, "done": True}, checkpoint)
-                save_model(model.cpu(), out_dir / f"seed{seed}.pt")
-                tracking.tag_model_file(run_id, out_dir / f"seed{seed}.pt")
-                write_history(history, history_dir / f"seed{seed}.csv")
-                seed_runs[str(seed)] = run_id
-    finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags) as parent:
+        state["parent_run_id"] = parent.run_id
+        files.write_atomic(state_file, json.dumps(state))
+        seed_runs = {}
+        for seed in train_params.seeds:
+            checkpoint = checkpoint_dir / f"seed{seed}.pt"
+            saved = _read_checkpoint(checkpoint)
+            torch.manual_seed(seed)
+            model = build_model(config).to(dev)
+            if saved is not None and saved["done"]:
+                model.load_state_dict(saved["model"])
+                history, run_id = saved["history"], saved["run_id"]
+            else:
+                with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags) as run:
+                    history = fit(model, train, val, train_params, seed, run, checkpoint, saved, dev,
+                                  f"{name} seed{seed}")
+                    _log_seed_artifacts(model, history, val, name, seed)
+                    run_id = run.run_id
+                saved = torch.load(checkpoint, weights_only=True)
+                files.save_torch({**saved, "done": True}, checkpoint)
+            save_model(model.cpu(), out_dir / f"seed{seed}.pt")
+            tracking.tag_model_file(run_id, out_dir / f"seed{seed}.pt")
+            write_history(history, history_dir / f"seed{seed}.csv")
+            seed_runs[str(seed)] = run_id
     shutil.rmtree(checkpoint_dir)
     return {"parent_run_id": state["parent_run_id"], "seed_run_ids": seed_runs}
 

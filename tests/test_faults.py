@@ -1,0 +1,475 @@
+"""Faults injected on purpose: kills, a second trainer, divergence, a full or read-only disk, a tracking store
+that is down, corrupted files and bad input. Each ends in one line naming the problem and the fix, a
+non-zero exit and nothing half-written; a re-run after the fix resumes where the fault struck."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import REPO, params_raw
+from digitgen import tracking
+from digitgen import train as train_module
+from digitgen.cli import main
+from digitgen.files import StorageError
+from digitgen.models import load_model, save_model
+from digitgen.params import load_params, parse_params
+from digitgen.tracking import TrackingError
+from digitgen.train import DivergenceError, read_history, run_train
+
+BIN = Path(sys.executable).parent  # the environment's `digitgen` and `dvc`
+
+
+def _params(**sections):
+    return parse_params(params_raw(**sections))
+
+
+def _train(params, prepared_dir, root, kind="cvae"):
+    return run_train(params, kind, 4, prepared_dir, root / "models", root / "histories", root / "checkpoints")
+
+
+class _NoLogger:
+    def log_epoch(self, epoch, metrics):
+        pass
+
+
+def _fit_uninterrupted(params, prepared_dir, kind: str, checkpoint: Path) -> torch.nn.Module:
+    """The weights a run_train that nothing interrupts reaches (the same seeding and loop, without MLflow)."""
+    torch.manual_seed(0)
+    model = train_module.build_model(train_module.model_setup(params, kind, 4)[0])
+    train_module.fit(model, train_module.load_split(prepared_dir, "train"), train_module.load_split(prepared_dir, "val"),
+                     params.train, 0, _NoLogger(), checkpoint, None, torch.device("cpu"), "uninterrupted")
+    return model
+
+
+def _same_weights(path: Path, model: torch.nn.Module) -> bool:
+    wa, wb = load_model(path).state_dict(), model.state_dict()
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _status(run_id: str) -> str:
+    return MlflowClient(tracking.tracking_uri()).get_run(run_id).info.status
+
+
+def _one_line_error(err: str, command: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"digitgen {command}: error: "), err
+    return lines[0]
+
+
+def _mount_tmpfs(folder: Path, options: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs folders (a full or read-only disk); unmounted after the test."""
+    mounted = []
+
+    def mount(name: str, options: str) -> Path:
+        folder = tmp_path / name
+        _mount_tmpfs(folder, options)
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+# Kills: SIGTERM to the pipeline, kill -9 in the middle of a checkpoint write, a second trainer
+def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninterrupted_run_does(
+        tmp_path, prepared_dir, monkeypatch):
+    root = tmp_path / "repo"
+    for name in ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(prepared_dir, root / "data" / "prepared")  # the split stage's output, as the fixture made it
+    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": 5},
+                     label_cvae={"latent_dim": 2})  # dvc.yaml names its stages from it
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    repro = [sys.executable, "-m", "dvc", "repro", "--single-item", "train@cae-4"]  # the data is there already
+
+    dvc = subprocess.Popen(repro, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoint, lock = root / "checkpoints" / "cae-4" / "seed0.pt", root / "checkpoints" / "cae-4.lock"
+    deadline = time.monotonic() + 240
+    while not checkpoint.exists() and dvc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), dvc.communicate()[0]
+    trainer = int(lock.read_text())
+    dvc.send_signal(signal.SIGTERM)  # what `kill <pid>` or a CI timeout sends; DVC passes nothing on to its stage
+    dvc.wait(60)
+    deadline = time.monotonic() + 60
+    while _alive(trainer) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(trainer)  # no orphaned trainer left writing to the checkpoints
+    saved = torch.load(checkpoint, weights_only=True)
+    assert 1 <= len(saved["history"]) < 5  # the last finished epoch kept, training not finished
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    assert _status(saved["run_id"]) == "KILLED"
+
+    again = subprocess.run(repro, cwd=root, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert "train@cae-4" in (root / "dvc.lock").read_text()
+    assert [r["epoch"] for r in read_history(root / "histories" / "cae-4" / "seed0.csv")] == list(range(1, 6))
+    assert _status(saved["run_id"]) == "FINISHED"  # the same MLflow run, resumed
+
+    straight = _fit_uninterrupted(load_params(root / "params.yaml"), prepared_dir, "cae", tmp_path / "straight.pt")
+    assert _same_weights(root / "models" / "cae-4" / "seed0.pt", straight)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+
+
+KILLED_IN_THE_SECOND_CHECKPOINT_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from digitgen import files
+from digitgen.params import load_params
+from digitgen.train import run_train
+
+real_fsync, written = os.fsync, []
+
+def fsync_then_die(fd):
+    real_fsync(fd)
+    if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(".seed0.pt."):
+        written.append(fd)
+        if len(written) == 2:  # epoch 2's checkpoint is on disk under its temporary name, not yet renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+
+files.os.fsync = fsync_then_die
+root = Path(sys.argv[1])
+run_train(load_params(root / "params.yaml"), "cvae", 4, root / "prepared", root / "models", root / "histories",
+          root / "checkpoints")
+"""
+
+
+def test_kill_9_during_a_checkpoint_write_keeps_the_last_checkpoint_and_a_rerun_resumes_it(
+        prepared_dir, tmp_path, mlflow_store):
+    raw = params_raw(train={"epochs": 3})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert prepared_dir == tmp_path / "prepared"  # where the script looks
+    killed = subprocess.run([sys.executable, "-c", KILLED_IN_THE_SECOND_CHECKPOINT_WRITE, str(tmp_path)],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    checkpoints = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoints.glob(".seed0.pt.*.tmp")]  # killed mid-write: the temporary file is there
+    saved = torch.load(checkpoints / "seed0.pt", weights_only=True)  # and the checkpoint loads
+    assert len(saved["history"]) == 1
+    assert _status(saved["run_id"]) == "RUNNING"  # kill -9 leaves no chance to end the run
+
+    # another start of the configuration (here with a new lr) finds the dead trainer's runs and ends them
+    _train(_params(train={"epochs": 1, "lr": 0.002}), prepared_dir, tmp_path / "other")
+    assert _status(saved["run_id"]) == "KILLED"
+
+    resumed = _train(_params(train={"epochs": 3}), prepared_dir, tmp_path)
+    assert resumed["seed_run_ids"]["0"] == saved["run_id"] and _status(saved["run_id"]) == "FINISHED"
+    assert [r["epoch"] for r in read_history(tmp_path / "histories" / "seed0.csv")] == [1, 2, 3]
+    straight = _fit_uninterrupted(_params(train={"epochs": 3}), prepared_dir, "cvae", tmp_path / "straight.pt")
+    assert _same_weights(tmp_path / "models" / "seed0.pt", straight)
+
+
+HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from digitgen.files import folder_lock
+with folder_lock(Path(sys.argv[1]), "trainer"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_trainer_on_the_same_checkpoints_stops_at_once_naming_the_first(tmp_path, prepared_dir, capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
+    checkpoints = tmp_path / "checkpoints" / "cae-4"
+    first = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(checkpoints)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        status = main(["--params", str(tmp_path / "params.yaml"), "train", "--model", "cae", "--latent-dim", "4",
+                       "--data", str(prepared_dir), "--checkpoints", str(checkpoints),
+                       "--out", str(tmp_path / "models"), "--history", str(tmp_path / "histories")])
+        assert status == 2 and time.monotonic() - started < 5
+        line = _one_line_error(capsys.readouterr().err, "train")
+        assert f"is in use by another trainer (PID {first.pid})" in line and f"kill {first.pid}" in line
+        assert not (tmp_path / "models").exists() and not checkpoints.exists()
+    finally:
+        first.kill()
+        first.wait()
+
+
+# Divergence
+@pytest.mark.parametrize("kind", ["cae", "cvae"])
+def test_a_divergent_learning_rate_fails_the_run_and_writes_no_model(kind, prepared_dir, tmp_path, mlflow_store):
+    with pytest.raises(DivergenceError) as err:
+        _train(_params(train={"epochs": 2, "lr": 1000}), prepared_dir, tmp_path, kind)
+    message = str(err.value)
+    assert message.startswith(f"{kind}-4 seed0 diverged at epoch 1: train_loss ")
+    assert "lower train.lr (now 1000)" in message and "\n" not in message
+    assert not list((tmp_path / "models").glob("*.pt"))
+    runs = mlflow.search_runs(experiment_names=["digitgen-test"])
+    assert set(runs.status) == {"FAILED"} and len(runs) == 2  # the configuration's run and the seed's
+
+
+def test_a_loss_past_max_loss_counts_as_divergence(prepared_dir, tmp_path, mlflow_store):
+    with pytest.raises(DivergenceError, match=r"train_loss [\d.e+]+ \(limit: train.max_loss 10\); lower train.lr"):
+        _train(_params(train={"epochs": 1, "max_loss": 10}), prepared_dir, tmp_path, "cae")
+
+
+# The disk: full, read-only; files cut short
+def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resumes(prepared_dir, tmp_path, tmpfs,
+                                                                                   mlflow_store):
+    params = _params(train={"epochs": 2})
+    straight = _fit_uninterrupted(params, prepared_dir, "cvae", tmp_path / "straight.pt")
+    size_kb = (tmp_path / "straight.pt").stat().st_size * 3 // 2 // 1024  # room for one checkpoint, not two
+    disk = tmpfs("disk", f"size={size_kb}k")
+
+    with pytest.raises(StorageError) as err:
+        run_train(params, "cvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories", disk / "checkpoints")
+    assert str(err.value).startswith(f"no space left on {disk / 'checkpoints' / 'seed0.pt'}")
+    assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["seed0.pt", "state.json"]  # no temp left
+    saved = torch.load(disk / "checkpoints" / "seed0.pt", weights_only=True)
+    assert len(saved["history"]) == 1 and _status(saved["run_id"]) == "FAILED"
+
+    subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)  # the fix: space
+    resumed = run_train(params, "cvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories",
+                        disk / "checkpoints")
+    assert resumed["seed_run_ids"]["0"] == saved["run_id"] and _status(saved["run_id"]) == "FINISHED"
+    assert _same_weights(tmp_path / "models" / "seed0.pt", straight)
+
+
+@pytest.mark.parametrize("where", ["out", "store"])
+def test_a_read_only_output_folder_or_store_fails_before_training(where, prepared_dir, tmp_path, tmpfs, monkeypatch):
+    read_only = tmpfs("ro", "size=10m")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.experiment_id("digitgen-test")  # a store with the experiment in it
+    uri = f"sqlite:///{read_only / 'mlflow.db'}"
+    if where == "store":  # its copy on a disk that then turns read-only
+        shutil.copy(tmp_path / "mlflow.db", read_only / "mlflow.db")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    out = read_only / "models" if where == "out" else tmp_path / "models"
+    started = time.monotonic()
+    with pytest.raises((StorageError, TrackingError)) as err:
+        run_train(_params(), "cae", 4, prepared_dir, out, tmp_path / "histories", tmp_path / "checkpoints")
+    assert time.monotonic() - started < 30
+    if where == "out":
+        assert str(err.value).startswith(f"{out} is not writable (Read-only file system)")
+    else:
+        assert str(err.value).startswith(f"the MLflow store {uri} failed while starting a run "
+                                         "(attempt to write a readonly database)")
+    assert not (tmp_path / "checkpoints" / "seed0.pt").exists()  # nothing trained
+
+
+def test_a_truncated_checkpoint_on_resume_is_one_line_naming_it(prepared_dir, tmp_path, mlflow_store, monkeypatch):
+    monkeypatch.setattr(train_module, "validation_losses", _interrupt_in_epoch(2))
+    with pytest.raises(KeyboardInterrupt):
+        _train(_params(), prepared_dir, tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    checkpoint = tmp_path / "checkpoints" / "seed0.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+    with pytest.raises(StorageError, match=f"^{checkpoint} is truncated or corrupt; delete it"):
+        _train(_params(), prepared_dir, tmp_path)
+
+
+def _interrupt_in_epoch(epoch: int):
+    real, calls = train_module.validation_losses, []
+
+    def validation_losses(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == epoch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    return validation_losses
+
+
+# The tracking store: unreachable, and gone in the middle of training
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens there once the socket closes
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds_naming_it(prepared_dir, tmp_path, monkeypatch):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    started = time.monotonic()
+    with pytest.raises(TrackingError) as err:
+        _train(_params(), prepared_dir, tmp_path)
+    assert time.monotonic() - started < 30  # MLflow's own defaults retry for minutes
+    assert str(err.value).startswith(f"the MLflow store {uri} failed while opening the experiment (Connection refused)")
+
+
+def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(prepared_dir, tmp_path, mlflow_store,
+                                                                                monkeypatch):
+    real_log = mlflow.log_metrics
+
+    def outage_at_epoch_2(metrics, step=None, **kwargs):
+        if step == 2:
+            raise MlflowException("API request to http://tracking:5000 failed with exception "
+                                  "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)")
+        return real_log(metrics, step=step, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_metrics", outage_at_epoch_2)
+    with pytest.raises(TrackingError) as err:
+        _train(_params(train={"epochs": 3}), prepared_dir, tmp_path)
+    assert "failed while logging epoch 2 (Connection refused)" in str(err.value)
+    assert "run the same command again (a stopped training resumes from its last checkpoint)" in str(err.value)
+    assert len(torch.load(tmp_path / "checkpoints" / "seed0.pt", weights_only=True)["history"]) == 1
+
+    monkeypatch.setattr(mlflow, "log_metrics", real_log)  # the server is back
+    _train(_params(train={"epochs": 3}), prepared_dir, tmp_path)
+    assert [r["epoch"] for r in read_history(tmp_path / "histories" / "seed0.csv")] == [1, 2, 3]
+    straight = _fit_uninterrupted(_params(train={"epochs": 3}), prepared_dir, "cvae", tmp_path / "straight.pt")
+    assert _same_weights(tmp_path / "models" / "seed0.pt", straight)
+
+
+# Ctrl-C
+def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(prepared_dir, tmp_path, mlflow_store, monkeypatch,
+                                                                     capsys):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
+    real_end = mlflow.end_run
+
+    def second_ctrl_c_while_ending(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # impatient user: a second Ctrl-C while the run is being ended
+        return real_end(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validation_losses",
+                        lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or time.sleep(5))
+    monkeypatch.setattr(mlflow, "end_run", second_ctrl_c_while_ending)
+    status = main(["--params", str(tmp_path / "params.yaml"), "train", "--model", "cae", "--latent-dim", "4",
+                   "--data", str(prepared_dir), "--out", "models", "--history", "histories",
+                   "--checkpoints", "checkpoints"])
+    assert status == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "digitgen train: interrupted; finished epochs are checkpointed, run the same command (or `dvc repro`) "
+        "to resume")
+    runs = mlflow.search_runs(experiment_names=["digitgen-test"])
+    assert set(runs.status) == {"KILLED"} and len(runs) == 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # main ignores further Ctrl-C on its way out
+
+
+# Files that changed on disk
+def test_a_corrupted_model_file_is_refused(trained_models, tmp_path, capsys):
+    corrupt = tmp_path / "seed0.pt"
+    shutil.copy(trained_models["cae"].path, corrupt)
+    with zipfile.ZipFile(corrupt) as archive:  # flip bytes inside the largest tensor: the zip stays readable
+        largest = max(archive.infolist(), key=lambda i: i.file_size)
+        start = largest.header_offset + 30 + len(largest.filename) + len(largest.extra)
+    data = bytearray(corrupt.read_bytes())
+    data[start + 64 : start + 96] = bytes(b ^ 0xFF for b in data[start + 64 : start + 96])
+    corrupt.write_bytes(bytes(data))
+    Image.new("L", (28, 28)).save(tmp_path / "one.png")
+
+    assert main(["classify", "--model", str(corrupt), str(tmp_path / "one.png")]) == 2
+    line = _one_line_error(capsys.readouterr().err, "classify")
+    assert f"{corrupt} is corrupt: its weights do not match the checksum saved with them" in line
+
+
+def test_a_saved_model_is_written_whole_with_its_checksum(trained_models, tmp_path):
+    model = load_model(trained_models["cvae"].path)
+    save_model(model, tmp_path / "again.pt")
+    assert "sha256" in torch.load(tmp_path / "again.pt", weights_only=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["again.pt"]  # no temporary file beside it
+
+
+# Bad input on the command line: one line, exit 2, nothing written
+def _bomb(path: Path) -> Path:
+    Image.new("L", (28 * 800, 28 * 800)).save(path)  # 500 M pixels in half a megabyte
+    return path
+
+
+@pytest.mark.parametrize("args, match", [
+    (["train", "--model", "cae", "--latent-dim", "0"],
+     "--latent-dim 0: study.latent_dims must be a non-empty list of positive integers, got [0]"),
+    (["train", "--model", "cvae", "--latent-dim", "-5"], "--latent-dim -5: study.latent_dims must be"),
+    (["train", "--model", "label_cvae", "--latent-dim", "1"],
+     "--latent-dim 1: label_cvae.latent_dim must be an integer of at least 2"),
+    (["train", "--model", "cae", "--latent-dim", "4", "--seeds", "0", "0"],
+     "--seeds 0 0: train.seeds must be a non-empty list of distinct integers"),
+    (["train", "--model", "cae", "--latent-dim", "4", "--device", "gpu"],
+     "--device gpu: train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    (["evaluate", "--model", "cae", "--latent-dim", "0"], "--latent-dim 0: study.latent_dims must be"),
+    (["generate", "--model", "m.pt", "--digit", "3", "-n", "100000000", "--out", "x.png"],
+     "expected at most 10000 images in one PNG row, got 100000000"),
+    (["generate", "--model", "m.pt", "--digit", "3", "--out", "."], "--out . is a folder; give a file name"),
+    (["classify", "--model", "bare.pt", "one.png"], "bare.pt holds a Tensor, not a digitgen model"),
+    (["classify", "--model", "m.pt", "bomb.png"], "bomb.png: more pixels than 10000 tiles of 28 x 28"),
+    (["check-regression", "--metrics", "bad.json", "--baseline", str(REPO / "pipelines/smoke/baseline.json"),
+      "--thresholds", str(REPO / "pipelines/smoke/thresholds.yaml")],
+     "metrics bad.json is not valid JSON (line 1 column 11: Expecting value)"),
+    (["--params", "dup.yaml", "download"], "dup.yaml:3:1: duplicate key 'data'"),
+    (["--params", "broken.yaml", "download"], "broken.yaml:3:5: expected ',' or ']', but got ':'"),
+])
+def test_bad_command_line_input_is_one_line_and_writes_nothing(args, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params_raw()))
+    Path("dup.yaml").write_text("data:\n  train_size: 1\ndata:\n  train_size: 2\n")
+    Path("broken.yaml").write_text("train:\n  epochs: [6\n  lr: 0.1\n")
+    Path("bad.json").write_text('{"cae-8": ')
+    torch.save(torch.zeros(3), "bare.pt")
+    Image.new("L", (28, 28)).save("one.png")
+    _bomb(Path("bomb.png"))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(args) == 2
+    assert match in _one_line_error(capsys.readouterr().err, args[2] if args[0] == "--params" else args[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_an_s3_uri_without_the_s3_extra_names_the_package(trained_models, tmp_path, monkeypatch, capsys):
+    if _has("boto3") and _has("botocore"):
+        pytest.skip("the S3 client is installed here")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_models["cae"].tracking_uri)
+    Image.new("L", (28, 28)).save(tmp_path / "one.png")
+    assert main(["classify", "--model", "s3://bucket/model", str(tmp_path / "one.png")]) == 2
+    line = _one_line_error(capsys.readouterr().err, "classify")
+    assert "s3://bucket/model: reading it needs the package" in line and "uv add boto3" in line
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_device_cuda_without_a_gpu_is_one_line(prepared_dir, tmp_path, monkeypatch, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params_raw(train={"device": "cuda"})))
+    assert main(["train", "--model", "cae", "--latent-dim", "4", "--data", str(prepared_dir)]) == 2
+    line = _one_line_error(capsys.readouterr().err, "train")
+    assert "device cuda is not on this machine (torch sees 0 CUDA GPUs); set the stage's device to auto or cpu" in line
+    assert not Path("models").exists()
