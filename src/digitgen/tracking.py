@@ -41,7 +41,7 @@ ARTIFACTS_DIR = "mlartifacts"
 PYFUNC_NAME = "pyfunc"  # each seed run's serving model: runs:/<run_id>/pyfunc
 CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
 WEIGHTS_FILE = "model.pt"  # the pyfunc's weights, as models.save_model writes them
-MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote (DVC's hash of that file)
+MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote
 # MLflow retries an unreachable tracking server for minutes by default (7 retries, 120 s timeouts);
 # these fail in seconds instead. A user's own settings of the variables win.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
