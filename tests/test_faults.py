@@ -406,7 +406,9 @@ def test_a_saved_model_is_written_whole_with_its_checksum(trained_models, tmp_pa
 
 
 # Bad input on the command line: one line, exit 2, nothing written
-def _bomb(path: Path) -> Path:
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
     Image.new("L", (28 * 800, 28 * 800)).save(path)  # 500 M pixels in half a megabyte
     return path
 
@@ -425,6 +427,8 @@ def _bomb(path: Path) -> Path:
     (["generate", "--model", "m.pt", "--digit", "3", "-n", "100000000", "--out", "x.png"],
      "expected at most 10000 images in one PNG row, got 100000000"),
     (["generate", "--model", "m.pt", "--digit", "3", "--out", "."], "--out . is a folder; give a file name"),
+    (["generate", "--model", "m.pt", "--digit", "3", "--seed", str(2**70), "--out", "x.png"],
+     "expected seed to be an integer from -2**63 to 2**64 - 1, got 1180591620717411303424"),
     (["classify", "--model", "bare.pt", "one.png"], "bare.pt holds a Tensor, not a digitgen model"),
     (["classify", "--model", "m.pt", "bomb.png"], "bomb.png: more pixels than 10000 tiles of 28 x 28"),
     (["check-regression", "--metrics", "bad.json", "--baseline", str(REPO / "pipelines/smoke/baseline.json"),
@@ -433,7 +437,7 @@ def _bomb(path: Path) -> Path:
     (["--params", "dup.yaml", "download"], "dup.yaml:3:1: duplicate key 'data'"),
     (["--params", "broken.yaml", "download"], "broken.yaml:3:5: expected ',' or ']', but got ':'"),
 ])
-def test_bad_command_line_input_is_one_line_and_writes_nothing(args, match, tmp_path, monkeypatch, capsys):
+def test_bad_command_line_input_is_one_line_and_writes_nothing(args, match, bomb, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params_raw()))
     Path("dup.yaml").write_text("data:\n  train_size: 1\ndata:\n  train_size: 2\n")
@@ -441,7 +445,7 @@ def test_bad_command_line_input_is_one_line_and_writes_nothing(args, match, tmp_
     Path("bad.json").write_text('{"cae-8": ')
     torch.save(torch.zeros(3), "bare.pt")
     Image.new("L", (28, 28)).save("one.png")
-    _bomb(Path("bomb.png"))
+    shutil.copy(bomb, "bomb.png")
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(args) == 2
     assert match in _one_line_error(capsys.readouterr().err, args[2] if args[0] == "--params" else args[0])

@@ -102,9 +102,9 @@ def _reference(args, params) -> None:
 
 
 def _evaluate(args, params) -> None:
+    _check_configuration(args, params)  # before the slow imports
     from digitgen.evaluate import run_evaluate
 
-    _check_configuration(args, params)
     name = config_name(args.model, args.latent_dim)
     run_evaluate(params.evaluate, params.tracking.experiment, args.model, args.latent_dim,
                  args.models or Path("models") / name,

@@ -110,6 +110,13 @@ def as_labels(labels, count: int | None = None) -> torch.Tensor:
     return y.long()
 
 
+def as_seed(seed: int) -> int:
+    """Check a style-noise seed: an integer torch.Generator takes."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64:
+        raise InputError(f"expected seed to be an integer from -2**63 to 2**64 - 1, got {seed!r}")
+    return seed
+
+
 def _shape(x: torch.Tensor) -> str:
     return " x ".join(map(str, x.shape)) or "a scalar"
 
@@ -142,7 +149,7 @@ class DigitModel:
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InputError(f"expected n, the number of images per label, to be a positive integer, got {n!r}")
         digits = as_labels(labels).repeat_interleave(n)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(as_seed(seed)) if seed is not None else None
         noise = torch.randn(1 if same_style else len(digits), self.latent_dim, generator=generator)
         images = self._run(self.net.generate, digits, noise.expand(len(digits), -1))
         return images.reshape(-1, SIDE, SIDE).cpu()
@@ -410,6 +417,8 @@ def run_generate(source: str, out: Path, digit: int | None = None, n: int | None
     else:
         as_labels(digit)
     require_png_path(out, len(digits) if digits is not None else 1 if n is None else n)
+    if seed is not None:
+        as_seed(seed)
     model = load(source)
     if digits is not None:
         image, count = generate_string(model, digits, same_style, seed), len(digits)
