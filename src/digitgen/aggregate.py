@@ -22,7 +22,8 @@ import torch
 
 from digitgen import figures, tracking
 from digitgen.data import load_split
-from digitgen.evaluate import METRICS
+from digitgen.evaluate import METRICS, write_json
+from digitgen.files import write_atomic
 from digitgen.generate import ModelSourceError
 from digitgen.models import load_model
 from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
@@ -193,14 +194,13 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     summary = summarize(evaluations)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "metrics.json").write_text(json.dumps(headline(summary), indent=2) + "\n")
-    (out_dir / "curves").mkdir(exist_ok=True)
+    write_json(summary, out_dir / "summary.json")
+    write_json(headline(summary), out_dir / "metrics.json")
     for config, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
-        frame.to_csv(out_dir / "curves" / f"{config}.csv", float_format="%.6g")
+        write_atomic(out_dir / "curves" / f"{config}.csv", frame.to_csv(float_format="%.6g"))
     frame = table(summary)
-    frame.to_csv(out_dir / "table.csv")
-    (out_dir / "table.md").write_text(
+    write_atomic(out_dir / "table.csv", frame.to_csv())
+    write_atomic(out_dir / "table.md",
         f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in bold; "
         "paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± std "
         "bands do not overlap).\n\n" + frame.to_markdown() + "\n")
