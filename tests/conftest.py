@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,18 @@ from digitgen.params import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
+
+
+def copy_from_repo(names, root: Path) -> Path:
+    """The repository's files and folders `names` copied into `root` (the layout a pipeline test needs)."""
+    for name in names:
+        source, target = REPO / name, root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, target)
+    return root
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, copy_from_repo
 from digitgen.data import MIRROR_ENV
 
 SMOKE = "pipelines/smoke"
@@ -69,10 +68,7 @@ def loop(tmp_path_factory, mnist_dir) -> tuple[Path, list[str], list[str]]:
     root = tmp_path_factory.mktemp("loop") / "project"
     # the root's params.yaml (which experiments on the smoke pipeline must leave alone) but not its dvc.yaml:
     # `dvc exp apply` checks out every pipeline's outputs, and the main pipeline's are not in this cache
-    for name in ("params.yaml", "src", ".dvcignore", ".gitignore", f"{SMOKE}/dvc.yaml"):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy
-        copy(REPO / name, root / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    copy_from_repo(("params.yaml", "src", ".dvcignore", ".gitignore", f"{SMOKE}/dvc.yaml"), root)
     smoke = _merge(yaml.safe_load((REPO / SMOKE / "params.yaml").read_text()), TINY)
     (root / SMOKE / "params.yaml").write_text("# the smoke params at test size\n" + yaml.safe_dump(smoke, sort_keys=False)
                                               .replace("  epochs: 1\n  batch_size", "  epochs: 1  # kept by dvc exp\n  batch_size", 1))

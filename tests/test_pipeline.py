@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import copy_from_repo
 from digitgen.data import MIRROR_ENV
 
 COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]
@@ -19,14 +19,7 @@ COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".d
 
 @pytest.fixture
 def repo_copy(tmp_path, mnist_dir, monkeypatch) -> Path:
-    root = tmp_path / "repo"
-    for name in COPIED:
-        source = REPO / name
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source, root / name)
+    root = copy_from_repo(COPIED, tmp_path / "repo")
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     monkeypatch.setenv(MIRROR_ENV, str(mnist_dir))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
