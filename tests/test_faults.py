@@ -106,7 +106,8 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
         else:
             shutil.copy(REPO / name, root / name)
     shutil.copytree(prepared_dir, root / "data" / "prepared")  # the split stage's output, as the fixture made it
-    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": 5},
+    epochs = 60  # a tiny epoch takes ~0.1 s: enough of them that a loaded machine cannot finish before the signal
+    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": epochs},
                      label_cvae={"latent_dim": 2})  # dvc.yaml names its stages from it
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
@@ -128,14 +129,14 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
         time.sleep(0.1)
     assert not _alive(trainer)  # no orphaned trainer left writing to the checkpoints
     saved = torch.load(checkpoint, weights_only=True)
-    assert 1 <= len(saved["history"]) < 5  # the last finished epoch kept, training not finished
+    assert 1 <= len(saved["history"]) < epochs  # the last finished epoch kept, training not finished
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
     assert _status(saved["run_id"]) == "KILLED"
 
     again = subprocess.run(repro, cwd=root, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr + again.stdout
     assert "train@cae-4" in (root / "dvc.lock").read_text()
-    assert [r["epoch"] for r in read_history(root / "histories" / "cae-4" / "seed0.csv")] == list(range(1, 6))
+    assert [r["epoch"] for r in read_history(root / "histories" / "cae-4" / "seed0.csv")] == list(range(1, epochs + 1))
     assert _status(saved["run_id"]) == "FINISHED"  # the same MLflow run, resumed
 
     straight = _fit_uninterrupted(load_params(root / "params.yaml"), prepared_dir, "cae", tmp_path / "straight.pt")
@@ -363,11 +364,15 @@ def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(prepared_di
     real_end = mlflow.end_run
 
     def second_ctrl_c_while_ending(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGINT)  # impatient user: a second Ctrl-C while the run is being ended
+        signal.raise_signal(signal.SIGINT)  # impatient user: a second Ctrl-C while the run is being ended
         return real_end(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "validation_losses",
-                        lambda *a, **k: os.kill(os.getpid(), signal.SIGINT) or time.sleep(5))
+    def ctrl_c_during_validation(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # to this thread: os.kill may land on one of MLflow's or torch's threads
+        while True:  # the handler runs at the next bytecode; validation never returns
+            time.sleep(0.01)
+
+    monkeypatch.setattr(train_module, "validation_losses", ctrl_c_during_validation)
     monkeypatch.setattr(mlflow, "end_run", second_ctrl_c_while_ending)
     status = main(["--params", str(tmp_path / "params.yaml"), "train", "--model", "cae", "--latent-dim", "4",
                    "--data", str(prepared_dir), "--out", "models", "--history", "histories",
