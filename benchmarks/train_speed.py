@@ -1,46 +1,65 @@
-"""Training throughput of one configuration against this machine's fp32 matmul peak.
+"""Training throughput of one configuration against this machine's fp32 matmul peak, beside a peer:
+the training loop of pytorch/examples' `vae/main.py` on the same data and batch size.
 
-    uv run python benchmarks/train_speed.py [--model cae] [--latent-dim 32] [--epochs 1]
+    uv run python benchmarks/train_speed.py [--model cae] [--latent-dim 32] [--repeats 3] [--threads 2]
 
-Trains on data/prepared/train.pt (random pixels of the same size if the split stage has not run)
-with params.yaml's batch size, learning rate and input modes, and prints samples/s, seconds per
-epoch, achieved GFLOP/s and the fraction of the peak measured by a large matmul.
+Trains on data/prepared (random pixels of the same size if the split stage has not run) with
+params.yaml's batch size, learning rate and input modes. Each repeat measures the matmul peak, one
+epoch of `digitgen.train.fit` (validation included) and one epoch of the peer (its test pass, over
+our validation set, included) in turn, so that all three see the same load; the fastest of each counts.
+FLOPs are the matmuls' as torch's FlopCounterMode counts them (forward, and backward with input
+gradients only where needed); efficiency is achieved FLOP/s over the peak.
+
+Each is timed twice: wall-clock seconds (what a run takes now), and this process's CPU seconds per
+thread, which other programs sharing the cores inflate much less (the better estimate of a quiet
+machine; it counts OpenMP threads' spin-waiting as work, so it flatters no one). Our epoch is timed
+around the whole `fit` call: its one-time setup and the epoch's checkpoint are included.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from digitgen.data import Digits, load_split
 from digitgen.models import ModelConfig, build_model
-from digitgen.params import load_params
+from digitgen.params import INPUT_MODES, load_params
 from digitgen.train import fit, mode_probabilities, validation_losses
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+@contextlib.contextmanager
+def timed(seconds: dict[str, float]):
+    """Keeps in `seconds` the fastest wall-clock and per-thread CPU time of the block over its runs."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    yield
+    seconds["wall"] = min(seconds.get("wall", float("inf")), time.perf_counter() - wall)
+    seconds["cpu"] = min(seconds.get("cpu", float("inf")), (time.process_time() - cpu) / torch.get_num_threads())
+
+
+def matmul_seconds(seconds: dict[str, float], n: int = 2048, repeats: int = 10) -> int:
+    """Times `repeats` n x n fp32 matmuls into `seconds`; returns the FLOPs of one."""
     a, b = torch.rand(n, n), torch.rand(n, n)
     a @ b  # warm up
-    started = time.perf_counter()
     for _ in range(repeats):
-        a @ b
-    return repeats * 2 * n**3 / (time.perf_counter() - started)
+        with timed(seconds):
+            a @ b
+    return 2 * n**3
 
 
-def flops_per_sample(model, probs: dict[str, float]) -> float:
-    """Forward + backward (about 3x forward) FLOPs of one training sample, averaged over input modes."""
-    def linear_flops(module: nn.Module) -> float:
-        return sum(2 * m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
-
-    total = linear_flops(model)
-    skipped = {"image_digit": 0.0, "image": linear_flops(model.encoder.digit_path),
-               "digit": linear_flops(model.encoder.image_path)}
-    return 3 * sum(p * (total - skipped[mode]) for mode, p in probs.items())
+def counted_flops(work) -> int:
+    with FlopCounterMode(display=False) as counter:
+        work()
+    return counter.get_total_flops()
 
 
 class Quiet:
@@ -48,37 +67,129 @@ class Quiet:
         pass
 
 
+def study_flops(config: ModelConfig, train: Digits, val: Digits, train_params) -> tuple[int, int]:
+    """Matmul FLOPs of one epoch of `fit`: (training at the input modes' expected mix, validation)."""
+    model = build_model(config)
+    images, digits = train.float_images()[: train_params.batch_size], train.labels[: train_params.batch_size]
+    per_batch = {mode: counted_flops(lambda mode=mode: model.loss(images, digits, mode).total.backward())
+                 for mode in INPUT_MODES}
+    training = sum(p * per_batch[mode] for mode, p in mode_probabilities(train_params.input_modes).items())
+    validation = counted_flops(lambda: validation_losses(model, val.float_images(), val.labels, train_params, 0))
+    return round(training * len(train) / train_params.batch_size), validation
+
+
+def study_epoch(config: ModelConfig, train: Digits, val: Digits, train_params, checkpoint: Path) -> None:
+    """One epoch of `fit` (validation and checkpoint included), from a freshly built model."""
+    torch.manual_seed(0)
+    model = build_model(config)
+    fit(model, train, val, dataclasses.replace(train_params, epochs=1), 0, Quiet(), checkpoint, None,
+        torch.device("cpu"), "benchmark")
+
+
+class PeerVAE(nn.Module):
+    """pytorch/examples vae/main.py's model: 784 -> 400 -> 20 (mu, log sigma^2) -> 400 -> 784."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc21, self.fc22 = nn.Linear(784, 400), nn.Linear(400, 20), nn.Linear(400, 20)
+        self.fc3, self.fc4 = nn.Linear(20, 400), nn.Linear(400, 784)
+
+    def forward(self, x):
+        h1 = F.relu(self.fc1(x))
+        mu, logvar = self.fc21(h1), self.fc22(h1)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        return torch.sigmoid(self.fc4(F.relu(self.fc3(z)))), mu, logvar
+
+
+def peer_loss(recon, mu, logvar, x):
+    """The example's classic loss: BCE summed over pixels and batch, plus the closed-form KL."""
+    return F.binary_cross_entropy(recon, x, reduction="sum") - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def peer_train_step(model, optimizer, data) -> float:
+    optimizer.zero_grad()
+    loss = peer_loss(*model(data), data)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def peer_epoch(train_loader: DataLoader, test_loader: DataLoader, lr: float) -> None:
+    """One epoch of the example's train() then test() (its logging and image saving left out)."""
+    torch.manual_seed(0)
+    model = PeerVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for data, _ in train_loader:
+        peer_train_step(model, optimizer, data)
+    model.eval()
+    with torch.no_grad():
+        for data, _ in test_loader:
+            peer_loss(*model(data), data).item()
+
+
+def peer_flops(train_loader: DataLoader, test_loader: DataLoader, lr: float) -> tuple[int, int]:
+    """Matmul FLOPs of one peer epoch: (training, test pass)."""
+    model = PeerVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    data = next(iter(train_loader))[0]
+    training = counted_flops(lambda: peer_train_step(model, optimizer, data)) * len(train_loader.dataset) / len(data)
+    with torch.no_grad():
+        test = counted_flops(lambda: [model(data) for data, _ in test_loader])
+    return round(training), test
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="cae")
     parser.add_argument("--latent-dim", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--no-peer", action="store_true", help="time only the study's model")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     params = load_params("params.yaml")
-    train_params = dataclasses.replace(params.train, epochs=args.epochs)
     if Path("data/prepared/train.pt").is_file():
         train, val = load_split("data/prepared", "train"), load_split("data/prepared", "val")
     else:
         train = Digits(torch.randint(0, 256, (params.data.train_size, 28, 28), dtype=torch.uint8),
                        torch.randint(0, 10, (params.data.train_size,)))
         val = Digits(train.images[: params.data.val_size], train.labels[: params.data.val_size])
-    model = build_model(ModelConfig(args.model, args.latent_dim, params.model.hidden_dim))
-    peak = matmul_peak()
-    history = fit(model, train, val, train_params, 0, Quiet(), Path("/tmp/digitgen-benchmark.pt"), None,
-                  torch.device("cpu"), f"{args.model}-{args.latent_dim}")
-    # time of the training pass alone: epoch_seconds minus the validation pass, measured separately
-    started = time.perf_counter()
-    validation_losses(model, val.float_images(), val.labels, train_params, 0)
-    val_seconds = time.perf_counter() - started
-    epoch_seconds = min(row["epoch_seconds"] for row in history) - val_seconds
-    achieved = flops_per_sample(model, mode_probabilities(train_params.input_modes)) * len(train) / epoch_seconds
-    print(f"threads               {torch.get_num_threads()}")
-    print(f"matmul peak           {peak / 1e9:.1f} GFLOP/s (fp32, 2048x2048)")
-    print(f"training epoch        {epoch_seconds:.2f} s for {len(train)} samples "
-          f"(+ {val_seconds:.2f} s validation over {len(val)})")
-    print(f"throughput            {len(train) / epoch_seconds:,.0f} samples/s")
-    print(f"achieved              {achieved / 1e9:.1f} GFLOP/s = {achieved / peak:.0%} of peak")
+    config = ModelConfig(args.model, args.latent_dim, params.model.hidden_dim)
+    batch_size = params.train.batch_size
+    train_loader = DataLoader(TensorDataset(train.float_images(), train.labels), batch_size=batch_size, shuffle=True)
+    test_loader = DataLoader(TensorDataset(val.float_images(), val.labels), batch_size=batch_size)
+
+    ours_flops = study_flops(config, train, val, params.train)
+    theirs_flops = peer_flops(train_loader, test_loader, params.train.lr)
+    peak, ours, theirs = {}, {}, {}
+    with tempfile.TemporaryDirectory(prefix="digitgen-benchmark-") as scratch:
+        for _ in range(args.repeats):
+            matmul_flops = matmul_seconds(peak)
+            with timed(ours):
+                study_epoch(config, train, val, params.train, Path(scratch) / "checkpoint.pt")
+            if not args.no_peer:
+                with timed(theirs):
+                    peer_epoch(train_loader, test_loader, params.train.lr)
+
+    print(f"threads {args.threads}; fastest of {args.repeats} repeats; an epoch is {len(train)} training images, "
+          f"then {len(val)} validation")
+    print(f"matmul peak (fp32, 2048x2048): {matmul_flops / peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+          f"{matmul_flops / peak['cpu'] / 1e9:.1f} GFLOP/s per CPU-second")
+    print(f"{'':34} {'GFLOP':>6} {'wall s':>7} {'of peak':>8} {'CPU s':>7} {'of peak':>8}")
+    rows = [(f"digitgen {args.model}-{args.latent_dim} (fit)", ours, ours_flops)]
+    if not args.no_peer:
+        rows.append(("pytorch/examples vae (784-400-20)", theirs, theirs_flops))
+    for name, seconds, (training, validation) in rows:
+        flops = training + validation
+        print(f"{name:34} {flops / 1e9:6.0f} " + " ".join(
+            f"{seconds[clock]:7.2f} {flops / seconds[clock] / (matmul_flops / peak[clock]):8.0%}"
+            for clock in ("wall", "cpu")))
+    if not args.no_peer:
+        print("efficiency, digitgen over the peer: " + ", ".join(
+            f"{(sum(ours_flops) / ours[clock]) / (sum(theirs_flops) / theirs[clock]):.2f}x {clock}"
+            for clock in ("wall", "cpu")))
 
 
 if __name__ == "__main__":

@@ -103,7 +103,8 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
     """Train from `state` (a checkpoint, or None for epoch 0) to params.epochs, checkpointing each epoch."""
     x_train, y_train = train.float_images().to(device), train.labels.to(device)
     x_val, y_val = val.float_images().to(device), val.labels.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
+    # fused: one pass over each parameter instead of a dozen elementwise ops (about 3x faster a step on the CPU)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.lr, fused=True)
     stream = torch.Generator().manual_seed(seed)  # shuffling and input-mode draws
     history: list[dict[str, float]] = []
     if state is not None:
@@ -114,21 +115,24 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
         history = state["history"]
     probs = torch.tensor(list(mode_probabilities(params.input_modes).values()))
     n_batches = (len(y_train) + params.batch_size - 1) // params.batch_size
+    x_epoch, y_epoch = torch.empty_like(x_train), torch.empty_like(y_train)  # the training set in this epoch's order
     model.train()
     for epoch in range(len(history) + 1, params.epochs + 1):
         started = time.perf_counter()
         order = torch.randperm(len(y_train), generator=stream).to(device)
         modes = torch.multinomial(probs, n_batches, replacement=True, generator=stream).tolist()
+        torch.index_select(x_train, 0, order, out=x_epoch)  # one gather an epoch: each batch is then a plain slice
+        torch.index_select(y_train, 0, order, out=y_epoch)
         sums = torch.zeros(4, device=device)
         bar = tqdm(total=n_batches, desc=f"{label} epoch {epoch}/{params.epochs}", leave=False,
                    disable=not sys.stderr.isatty())
         for b, mode in enumerate(modes):
-            idx = order[b * params.batch_size : (b + 1) * params.batch_size]
-            losses = model.loss(x_train[idx], y_train[idx], INPUT_MODES[mode])
+            batch = slice(b * params.batch_size, (b + 1) * params.batch_size)
+            losses = model.loss(x_epoch[batch], y_epoch[batch], INPUT_MODES[mode])
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
             optimizer.step()
-            sums += torch.stack(losses).detach() * len(idx)
+            sums += torch.stack(losses).detach() * len(y_epoch[batch])
             bar.update()
         bar.close()
         row = {"epoch": epoch, **{f"train_{t}": v for t, v in zip(figures.LOSS_TERMS, (sums / len(y_train)).tolist())}}
