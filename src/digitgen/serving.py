@@ -513,14 +513,12 @@ def pyfunc_signature():
 
 
 def _pyfunc_class() -> type:
-    """DigitgenPyfunc, built on first use so that importing this module does not import MLflow.
-
-    It is published as digitgen.serving.DigitgenPyfunc, so a logged model pickles a reference to it
-    (shipped with the model's code_paths), never the class itself; the weights travel as an artifact.
-    """
-    import mlflow.pyfunc
+    """DigitgenPyfunc, built on first use (digitgen.serving.DigitgenPyfunc) so that importing this module does
+    not import MLflow. It holds no state: the weights travel as an artifact and load with weights_only=True."""
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from digitgen.tracking import mlflow  # MLflow with its pyfunc, imported without MLflow's own warnings
 
     class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
         """Serves every condition of the study through one request table (predict_frame)."""
@@ -546,11 +544,21 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+# The pyfunc as MLflow's "models from code": this file travels with the model and names the wrapper, so
+# nothing is pickled (the digitgen package itself travels as the model's code_paths).
+PYFUNC_CODE = """import mlflow
+from digitgen.serving import DigitgenPyfunc
+
+mlflow.models.set_model(DigitgenPyfunc())
+"""
+
+
 def pyfunc_parts(net, image: torch.Tensor, digit: int, folder: Path) -> dict:
-    """What mlflow.pyfunc.log_model needs to log `net` as the digitgen pyfunc: the wrapper, its weights
-    (written to `folder`), signature and an input example of every condition the model supports."""
-    weights = Path(folder) / WEIGHTS_FILE
+    """What mlflow.pyfunc.log_model needs to log `net` as the digitgen pyfunc: the wrapper's code, its weights
+    (both written to `folder`), signature and an input example of every condition the model supports."""
+    weights, code = Path(folder) / WEIGHTS_FILE, Path(folder) / "digitgen_pyfunc.py"
     save_model(net, weights)
+    write_atomic(code, PYFUNC_CODE)
     example = example_request(DigitModel(net, "training"), image, digit)
-    return {"python_model": __getattr__("DigitgenPyfunc")(), "artifacts": {"weights": str(weights)},
+    return {"python_model": str(code), "artifacts": {"weights": str(weights)},
             "signature": pyfunc_signature(), "input_example": (example, {"seed": 0})}

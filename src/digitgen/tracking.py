@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import logging
 import os
 import re
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -34,6 +36,10 @@ from mlflow.tracking import MlflowClient
 
 from digitgen.data import md5sum
 from digitgen.params import DigitgenError
+
+with warnings.catch_warnings():  # importing MLflow's pyfunc warns about MLflow's own type hints: not ours to fix
+    warnings.filterwarnings("ignore", ".*Any type hint is inferred as AnyType")
+    import mlflow.pyfunc
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -254,7 +260,10 @@ def _dataset_input(path: Path, name: str, context: str) -> DatasetInput:
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
 
-    dataset = MetaDataset(resolve_dataset_source(str(Path(path).resolve())), name=name, digest=md5sum(path)[:8])
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source, name=name, digest=md5sum(path)[:8])
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
@@ -348,10 +357,26 @@ def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict
         for filename, figure in figures.items():
             mlflow.log_figure(figure, filename)
             plt.close(figure)
-        info = mlflow.pyfunc.log_model(
-            name=model_name, **pyfunc, code_paths=[str(Path(__file__).parent)],  # the code travels with the model
-            pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
+        with _quiet_model_logging():
+            info = mlflow.pyfunc.log_model(
+                name=model_name, **pyfunc, code_paths=[str(Path(__file__).parent)],  # the code travels with the model
+                pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
         return info.model_id
+
+
+@contextlib.contextmanager
+def _quiet_model_logging():
+    """Log a model without two notices that are MLflow's, not the user's: pandas 4 deprecating a comparison
+    MLflow makes, and no pip version to pin in a uv environment (which has no pip; the requirements are pinned)."""
+    environment = logging.getLogger("mlflow.utils.environment")
+    level = environment.level
+    environment.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Operation with range is deprecated")
+            yield
+    finally:
+        environment.setLevel(level)
 
 
 def logged_model_uri(run_id: str) -> str:
