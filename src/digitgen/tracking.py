@@ -91,6 +91,8 @@ def experiment_id(name: str) -> str:
     with store_errors("opening the experiment"):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
+            if "mlflow.note.content" not in found.tags:  # made before experiments had a description
+                MlflowClient().set_experiment_tag(found.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
             return found.experiment_id
         # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
         location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
@@ -350,18 +352,17 @@ def _pinned(*distributions: str) -> list[str]:
     return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in distributions]
 
 
-def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict) -> str:
+def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict) -> None:
     """End-of-training artifacts of the active seed run: figures and the serving pyfunc model (named
-    <config>-seed<s>; `pyfunc` holds serving.pyfunc_parts). Returns the logged model's id."""
+    <config>-seed<s>; `pyfunc` holds serving.pyfunc_parts)."""
     with store_errors("logging the trained model"):
         for filename, figure in figures.items():
             mlflow.log_figure(figure, filename)
             plt.close(figure)
         with _quiet_model_logging():
-            info = mlflow.pyfunc.log_model(
+            mlflow.pyfunc.log_model(
                 name=model_name, **pyfunc, code_paths=[str(Path(__file__).parent)],  # the code travels with the model
                 pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
-        return info.model_id
 
 
 @contextlib.contextmanager
@@ -379,16 +380,20 @@ def _quiet_model_logging():
         environment.setLevel(level)
 
 
-def logged_model_uri(run_id: str) -> str:
-    """models:/<model_id> of the model a seed run logged."""
-    client = MlflowClient(tracking_uri())
+def _logged_model(client: MlflowClient, run_id: str):
+    """The digitgen model a seed run logged, or None."""
     run = client.get_run(run_id)
     models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     # stores written before models were named per seed also hold a pytorch-flavour `model`: the pyfunc serves
-    served = [m for m in models if m.name != "model"]
-    if not served:
+    return next((m for m in models if m.name != "model"), None)
+
+
+def logged_model_uri(run_id: str) -> str:
+    """models:/<model_id> of the model a seed run logged."""
+    model = _logged_model(MlflowClient(tracking_uri()), run_id)
+    if model is None:
         raise TrackingError(f"run {run_id} logged no digitgen model; expected a seed run logged by `digitgen train`")
-    return served[0].model_uri
+    return model.model_uri
 
 
 def finish_seed_run(run_id: str, model_file: Path) -> None:
@@ -428,9 +433,8 @@ def _move_evaluation(client: MlflowClient, old, run_id: str) -> None:
 
 
 def _model_id(client: MlflowClient, run_id: str) -> str | None:
-    run = client.get_run(run_id)
-    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
-    return next((m.model_id for m in models if m.name != "model"), None)
+    model = _logged_model(client, run_id)
+    return model and model.model_id
 
 
 def seed_run_for(experiment: str, name: str, seed: str, model_file: Path, evaluation: dict[str, str]) -> str:
