@@ -484,10 +484,10 @@ def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str,
 # The aggregate stage: parent runs' summaries, the summary run, the registry
 def parent_run_of(experiment: str, model_file: Path) -> str | None:
     """The parent (configuration) run of the seed run that trained `model_file`, if this store has it."""
+    exp_id = experiment_id(experiment)  # first: it points MLflow at our store
     with store_errors("finding a configuration's run"):
-        found = MlflowClient().search_runs(
-            [experiment_id(experiment)], f"tags.{MODEL_MD5_TAG} = '{md5sum(model_file)}'",
-            order_by=["attributes.start_time DESC"])
+        found = MlflowClient().search_runs([exp_id], f"tags.{MODEL_MD5_TAG} = '{md5sum(model_file)}'",
+                                           order_by=["attributes.start_time DESC"])
     return next((r.data.tags["mlflow.parentRunId"] for r in found if "mlflow.parentRunId" in r.data.tags), None)
 
 
