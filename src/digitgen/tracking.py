@@ -335,9 +335,9 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
         print(f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
               file=sys.stderr)
     run_id = run_id or _same_run(exp_id, name, fingerprint)
-    description = (f"{name}: every seed as a child run. After `aggregate`, test/<metric>_mean and _std are the mean "
-                   "and std over seeds of Table 1's metrics, train/ and val/<loss>_mean and _std those of the final "
-                   "epoch's losses.")
+    description = (f"{name}: every seed as a child run. After `aggregate`, test/fid_mean and test/fid_std (and so "
+                   "on for each of Table 1's metrics) are the mean and std over seeds; val/bce_mean, train/loss_mean "
+                   "and their _std those of the final epoch's losses.")
     with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name,
               description=None if run_id else description) as run:
         if run_id is None:
