@@ -57,7 +57,7 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isa
 STORE_ERRORS = (MlflowException, OSError, requests.RequestException)  # what a store that is down or read-only raises
 EXPERIMENT_DESCRIPTION = (
     "digitgen: the study's joint CAE and CVAE on MNIST. One parent run per configuration (cae-8, cvae-16, ...) "
-    "carries the mean and std over seeds of Table 1's metrics (test/*_mean, test/*_std) and the final losses; "
+    "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
     "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision.")
 
 
