@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from digitgen import figures
-from digitgen.aggregate import (TABLE_COLUMNS, best_configs, champion_seed, configurations, headline,
-                                load_evaluations, mean_curves, study_configurations, summarize, table, write_figures)
+from digitgen.aggregate import (TABLE_COLUMNS, best_configs, champion_decision, champion_seed, configurations,
+                                display_table, headline, load_evaluations, log_parent_runs, mean_curves,
+                                numeric_table, study_configurations, summarize, update_champion, write_figures)
 from digitgen.params import DigitgenError, ParamsError
 
 from conftest import make_params
@@ -44,7 +47,7 @@ def test_best_follows_each_metrics_direction():
 
 
 def test_table_marks_the_best_and_puts_the_paper_beside_ours():
-    frame = table(summarize(SEEDS))
+    frame = display_table(summarize(SEEDS))
     assert list(frame.index) == ["CAE (8)", "CVAE (8)"]
     assert frame.at["CVAE (8)", "FID"] == "**11.00 ± 1.41**"
     assert not frame.at["CAE (8)", "FID"].startswith("**")
@@ -52,6 +55,14 @@ def test_table_marks_the_best_and_puts_the_paper_beside_ours():
     assert frame.at["CAE (8)", "FID (ours - paper)"] == "-392.12 †"  # the bands 32 ± 2.83, 424.12 ± 3.19 are apart
     assert frame.at["CAE (8)", "Generated Images Accuracy (ours - paper)"] == "-0.0500"  # within 0.0707 + 0.06
     assert frame.at["CVAE (8)", "Generated Images Accuracy (paper)"] == "0.8400 ± 0.0200"
+
+
+def test_table_csv_holds_plain_numbers_beside_the_papers():
+    frame = numeric_table(summarize(SEEDS))
+    assert frame.at["CVAE (8)", "fid_mean"] == 11.0 and frame.at["CVAE (8)", "fid_std"] == pytest.approx(1.4142136)
+    assert frame.at["CAE (8)", "fid_paper_mean"] == 424.12
+    assert frame.at["CAE (8)", "fid_ours_minus_paper"] == pytest.approx(32.0 - 424.12)
+    assert not frame.map(lambda v: isinstance(v, str)).any().any()  # no "**bold**", no "±": numbers
 
 
 def test_headline_metrics_hold_mean_and_std_of_the_five_table_metrics_only():
@@ -93,7 +104,7 @@ def test_rows_follow_the_studys_order_then_the_label_cvae():
 
 def test_a_metric_a_model_cannot_have_is_na_and_never_best():
     label = {seed: {k: v for k, v in m.items() if k != "classification_accuracy"} for seed, m in SEEDS["cae-8"].items()}
-    frame = table(summarize({**SEEDS, "label_cvae-2": {s: {**m, "fid": 1.0} for s, m in label.items()}}))
+    frame = display_table(summarize({**SEEDS, "label_cvae-2": {s: {**m, "fid": 1.0} for s, m in label.items()}}))
     assert frame.at["LABEL-CVAE (2)", "Classification Accuracy"] == "n/a"
     assert frame.at["LABEL-CVAE (2)", "FID"].startswith("**")  # best FID, marked
     assert frame.at["LABEL-CVAE (2)", "FID (paper)"] == "-"  # the paper has no such row
@@ -110,12 +121,7 @@ def test_champion_is_the_best_seed_of_the_best_study_configuration():
 
 def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(trained_models, mnist_subset, tmp_path,
                                                                               monkeypatch):
-    for kind, trained in trained_models.items():  # the fixture's layout -> the pipeline's models/<config>/seed0.pt
-        (tmp_path / "models" / f"{kind}-4").mkdir(parents=True)
-        (tmp_path / "models" / f"{kind}-4" / "seed0.pt").symlink_to(trained.path)
-        (tmp_path / "histories" / f"{kind}-4").mkdir(parents=True)
-        (tmp_path / "histories" / f"{kind}-4" / "seed0.csv").symlink_to(
-            trained.path.parents[2] / "histories" / kind / "seed0.csv")
+    _pipeline_layout(trained_models, tmp_path)
     panel_orders = []
     draw = figures.loss_curve_panels
     monkeypatch.setattr(figures, "loss_curve_panels", lambda panels, title: panel_orders.append(list(panels))
@@ -127,3 +133,72 @@ def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(tr
                                          "reconstructions_cvae-4.png", "generations_cvae-4.png", "loss_curves_4.png"}
     assert all(p.stat().st_size > 0 for p in written)
     assert panel_orders == [["CVAE (4)", "CAE (4)"]]
+
+
+def _pipeline_layout(trained_models, root):
+    """The fixture's models and histories in the pipeline's layout: models/<config>/seed0.pt, histories/<config>/."""
+    for kind, trained in trained_models.items():
+        (root / "models" / f"{kind}-4").mkdir(parents=True)
+        (root / "models" / f"{kind}-4" / "seed0.pt").symlink_to(trained.path)
+        (root / "histories" / f"{kind}-4").mkdir(parents=True)
+        (root / "histories" / f"{kind}-4" / "seed0.csv").symlink_to(
+            trained.path.parents[2] / "histories" / kind / "seed0.csv")
+
+
+def test_parent_runs_carry_mean_and_std_of_the_table_metrics_and_final_losses(trained_models, tmp_path, monkeypatch):
+    """The MLflow UI's collapsed run table compares configurations by these columns."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_models["cae"].tracking_uri)
+    _pipeline_layout(trained_models, tmp_path)
+    seeds = {"cae-4": SEEDS["cae-8"], "cvae-4": SEEDS["cvae-8"]}
+    assert log_parent_runs(make_params(), ["cae-4", "cvae-4"], summarize(seeds), tmp_path / "histories",
+                           tmp_path / "models") == []
+    client = MlflowClient()
+    for kind in ("cae", "cvae"):
+        parent = client.get_run(client.get_run(trained_models[kind].run_id).data.tags["mlflow.parentRunId"])
+        assert parent.info.run_name == f"{kind}-4"
+        metrics = parent.data.metrics
+        assert {f"test/{m}_{s}" for m in TABLE_COLUMNS for s in ("mean", "std")} <= set(metrics)
+        expected = summarize(seeds)[f"{kind}-4"]["fid"]
+        assert (metrics["test/fid_mean"], metrics["test/fid_std"]) == pytest.approx((expected["mean"], expected["std"]))
+        assert {"train/loss_mean", "val/bce_mean", "val/accuracy_mean", "val/loss_std"} <= set(metrics)
+        assert ("val/kl_mean" in metrics) == (kind == "cvae")  # the CAE has no KL term
+    assert metrics["val/bce_mean"] == pytest.approx(
+        client.get_metric_history(trained_models["cvae"].run_id, "val/bce")[-1].value)
+
+
+def test_champion_moves_only_to_a_better_model_never_for_a_dvc_experiment_unless_forced(trained_models, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_models["cae"].tracking_uri)
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    name = f"champion-{uuid.uuid4().hex[:8]}"
+    params = make_params(registry={"model_name": name})
+    client = MlflowClient()
+
+    def champion(kind, fid, params=params):
+        decision = update_champion(params, f"{kind}-4", "0", {"fid": fid, "gen_accuracy": 0.9},
+                                   trained_models[kind].path)
+        alias = client.get_model_version_by_alias(name, "champion")
+        return decision, client.get_run(alias.run_id).data.tags["model"]
+
+    decision, holder = champion("cae", 30.0)
+    assert decision["moved"] and holder == "cae" and decision["decision"] == "no champion yet"
+    decision, holder = champion("cvae", 40.0)  # worse: registered, alias left where it was
+    assert not decision["moved"] and holder == "cae"
+    assert (decision["new_fid"], decision["current_fid"]) == (40.0, 30.0)
+    worse = client.get_model_version(name, decision["version"])
+    assert worse.tags["metric.fid"] == "40.0" and worse.tags["decision"].startswith("kept: fid 40")
+    assert "git_commit" in worse.tags and "param.train.lr" in worse.tags and worse.description
+    decision, holder = champion("cvae", 20.0)  # better: the alias moves
+    assert decision["moved"] and holder == "cvae" and decision["current_fid"] == 30.0
+    monkeypatch.setenv("DVC_EXP_NAME", "quick-look")  # a `dvc exp run`: a trial never takes the champion
+    decision, holder = champion("cae", 1.0)
+    assert not decision["moved"] and holder == "cvae" and "quick-look" in decision["decision"]
+    decision, holder = champion("cae", 90.0, make_params(registry={"model_name": name, "force_champion": True}))
+    assert decision["moved"] and holder == "cae"
+    assert client.get_registered_model(name).description
+
+
+def test_a_champion_measured_under_other_settings_is_not_compared():
+    current = {"value": 30.0, "settings": {"evaluate.n_generated": "10000"}, "version": "3"}
+    move, why = champion_decision("fid", 5.0, current, {"evaluate.n_generated": "200"}, "", False)
+    assert not move and "other settings" in why and "registry.force_champion" in why
+    assert champion_decision("gen_accuracy", 0.9, {**current, "value": 0.8}, current["settings"], "", False)[0]

@@ -14,6 +14,7 @@ from digitgen.evaluate import (INCEPTION_METRICS, METRICS, EvaluateError, ImageS
                                to_uint8)
 from digitgen.models import ModelConfig, build_model, load_model
 from digitgen.params import SAMPLERS
+from digitgen.tracking import evaluation_metric
 from digitgen.train import run_train
 
 from conftest import REPO, make_params, save_prepared
@@ -93,10 +94,15 @@ def test_metrics_land_on_each_seeds_training_run(evaluated):
     assert set(seeds) == {"0", "1"}
     for seed, metrics in seeds.items():
         run = client.get_run(runs["seed_run_ids"][seed])
-        assert {k: run.data.metrics[k] for k in metrics} == pytest.approx(metrics)
-        assert run.data.tags["evaluate.sampler"] == "study"
+        assert {k: run.data.metrics[evaluation_metric(k)] for k in metrics} == pytest.approx(metrics)
+        assert run.data.params["evaluate.sampler"] == "study" and run.data.params["evaluate.device"] == "cpu"
         assert "evaluation_samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
-    assert "fid" not in client.get_run(runs["parent_run_id"]).data.metrics
+        assert "mnist-test" in {d.dataset.name for d in run.inputs.dataset_inputs}
+        (model,) = client.search_logged_models([run.info.experiment_id],
+                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        linked = {m.key: m.value for m in client.get_logged_model(model.model_id).metrics}
+        assert linked["test/fid"] == pytest.approx(metrics["fid"])  # the metrics belong to the logged model
+    assert "test/fid" not in client.get_run(runs["parent_run_id"]).data.metrics
     written = json.loads((evaluated["root"] / "results" / "cae-4.json").read_text())
     assert written == evaluated["result"]
     assert (evaluated["root"] / "results" / "cae-4-samples.png").stat().st_size > 0
@@ -121,7 +127,7 @@ def test_a_model_trained_against_another_store_gets_a_new_run_for_its_metrics(ev
     assert result["seeds"] == evaluated["result"]["seeds"]
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(params.tracking.experiment).experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["cae-4/seed0", "cae-4/seed1"]
-    assert all(r.data.metrics["fid"] == pytest.approx(result["seeds"][r.data.tags["seed"]]["fid"]) for r in runs)
+    assert all(r.data.metrics["test/fid"] == pytest.approx(result["seeds"][r.data.tags["seed"]]["fid"]) for r in runs)
 
 
 def test_every_reported_metric_declares_its_direction(evaluated):

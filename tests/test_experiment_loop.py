@@ -201,7 +201,7 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
     seed_runs = client.search_runs([experiment.experiment_id], "tags.seed = '0' AND tags.model = 'cvae'")
     swept = [r.data.params["train.lr"] for r in seed_runs if r.data.params["train.lr"] in ("0.003", "0.0003")]
     assert sorted(swept) == ["0.0003", "0.003"]  # one run each: none lost, none duplicated
-    assert all("fid" in r.data.metrics for r in seed_runs)  # and evaluation logged to each
+    assert all("test/fid" in r.data.metrics for r in seed_runs)  # and evaluation logged to each
 
 
 def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop):

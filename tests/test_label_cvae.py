@@ -131,7 +131,9 @@ def test_trains_with_the_shared_loop_and_draws_its_figures(tmp_path, prepared_di
     runs = run_train(params, "label_cvae", LATENT, prepared_dir, out, tmp_path / "histories", tmp_path / "checkpoints")
     seed_run = mlflow.MlflowClient().get_run(runs["seed_run_ids"]["0"])
     assert seed_run.info.experiment_id == mlflow.get_experiment_by_name("digitgen-test").experiment_id
-    assert seed_run.data.tags["model"] == "label_cvae" and "val_loss" in seed_run.data.metrics
+    assert seed_run.data.tags["model"] == "label_cvae" and "val/loss" in seed_run.data.metrics
+    assert "val/nll" not in seed_run.data.metrics  # it predicts no digit: no NLL term to log
+    assert seed_run.data.params["model.hidden_dims"] == "(32, 16)" and "model.hidden_dim" not in seed_run.data.params
     model = load_model(out / "seed0.pt")
     assert isinstance(model, LabelCVAE) and model.config.hidden_dims == (32, 16)
     (row,) = read_history(tmp_path / "histories" / "seed0.csv")

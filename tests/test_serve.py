@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import digitgen
-from digitgen.generate import request_frame
+from digitgen.serving import request_frame
 
 START_SECONDS = 180  # a fresh process imports MLflow and torch and loads the model: slow on a busy CPU
 LOOPBACK = "127.0.0.1"
@@ -43,7 +43,7 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
     port = _free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/pyfunc",
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/cvae-4-seed0",
                "--env-manager", "local", "--host", LOOPBACK, "--port", str(port)]
     started = time.monotonic()
     with open(log, "w") as out:
@@ -77,7 +77,9 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
         with pytest.raises(urllib.error.HTTPError) as refused:
             _no_proxy.open(call, timeout=60)
         assert refused.value.code == 400
-        assert "InputError: expected pixel values in [0, 1], got values from 2 to 2" in refused.value.read().decode()
+        error = json.loads(refused.value.read().decode())
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert error["message"].endswith("Error: expected pixel values in [0, 1], got values from 2 to 2")
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, started in their own session
         server.wait(timeout=30)

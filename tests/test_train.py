@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import signal
+import subprocess
 
 import mlflow
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+import digitgen
 from conftest import make_params
 from digitgen import train as train_module
 from digitgen.data import load_split, md5sum
@@ -111,25 +112,53 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
     parent = client.get_run(runs["parent_run_id"])
     assert parent.info.run_name == "cae-4" and parent.info.experiment_id == experiment.experiment_id
     assert parent.data.tags["model"] == "cae" and parent.data.tags["latent_dim"] == "4"
-    assert {"git_commit", "git_dirty", "dvc_stage"} <= set(parent.data.tags)
+    where = {"mlflow.source.git.commit", "git_dirty", "dvc_stage", "dvc_exp_name"}
+    assert where <= set(parent.data.tags)
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["cae-4/seed0", "cae-4/seed1"]
     for child in children:
         seed = child.data.tags["seed"]
         assert runs["seed_run_ids"][seed] == child.info.run_id and child.info.status == "FINISHED"
+        assert where <= set(child.data.tags)
         assert child.data.params["train.lr"] == "0.001" and child.data.params["model.latent_dim"] == "4"
+        assert child.data.params["train.device"] == "cpu" and "model.hidden_dims" not in child.data.params
         assert child.data.params["seed"] == seed
-        val_loss = client.get_metric_history(child.info.run_id, "val_loss")
+        val_loss = client.get_metric_history(child.info.run_id, "val/loss")
         assert [m.step for m in val_loss] == [1, 2]
-        assert {"train_loss", "train_bce", "train_nll", "val_bce", "val_nll", "val_kl", "val_accuracy",
-                "epoch_seconds"} <= set(child.data.metrics)
+        assert {"train/loss", "train/bce", "train/nll", "val/bce", "val/nll", "val/accuracy",
+                "train/epoch_seconds"} <= set(child.data.metrics)
+        assert not {"train/kl", "val/kl"} & set(child.data.metrics)  # the CAE has no KL term
         assert child.data.tags["model_md5"] == md5sum(tmp_path / "models" / f"seed{seed}.pt")
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"loss_curves.png", "reconstructions.png", "generations.png"} <= artifacts
-    logged = mlflow.pytorch.load_model(f"runs:/{runs['seed_run_ids']['0']}/model")
+        inputs = {d.dataset.name: d for d in child.inputs.dataset_inputs}
+        assert set(inputs) == {"mnist-train", "mnist-val"}
+        assert inputs["mnist-train"].dataset.digest == md5sum(prepared_dir / "train.pt")[:8]
+        (logged,) = client.search_logged_models([experiment.experiment_id],
+                                                filter_string=f"source_run_id = '{child.info.run_id}'")
+        assert logged.name == f"cae-4-seed{seed}"
+    served = digitgen.load(f"runs:/{runs['seed_run_ids']['0']}")
     saved = load_model(tmp_path / "models" / "seed0.pt")
     images = load_split(prepared_dir, "test").float_images()[:5]
-    assert torch.allclose(logged.classify(images), saved.classify(images))
+    assert torch.allclose(served.net.classify(images), saved.classify(images))
+
+
+def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_duplicating(prepared_dir, tmp_path,
+                                                                                         mlflow_store):
+    """A forced re-run (`dvc repro -f`) of one configuration, seed, commit and params keeps one run per seed."""
+    for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+                                     "-m", "code"]):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    params = make_params(train={"epochs": 1, "seeds": [0]})
+    first = _run(params, prepared_dir, tmp_path, kind="cae")
+    second = _run(params, prepared_dir, tmp_path, kind="cae")
+    assert second["parent_run_id"] == first["parent_run_id"]
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("digitgen-test").experiment_id
+    (seed_run,) = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{first['parent_run_id']}'")
+    assert seed_run.info.run_id == second["seed_run_ids"]["0"]
+    assert client.get_run(first["seed_run_ids"]["0"]).info.lifecycle_stage == "deleted"
+    assert seed_run.data.tags["git_dirty"] == "false"
 
 
 def test_retraining_with_nothing_changed_writes_the_same_bytes_so_dvc_sees_no_change(prepared_dir, tmp_path,

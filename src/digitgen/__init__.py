@@ -4,7 +4,7 @@
     model = digitgen.load("models/cvae-16/seed0.pt")  # or "runs:/<run_id>", "models:/digitgen@champion"
     sevens = model.generate(7, n=16)  # 16 x 28 x 28, values in [0, 1]
 
-See digitgen.generate for the whole interface.
+See digitgen.serving for the whole interface.
 """
 
 __all__ = ["load"]
@@ -13,7 +13,7 @@ __all__ = ["load"]
 def __getattr__(name: str):
     # `import digitgen` stays instant (the CLI starts from it); torch loads on first use of the API
     if name == "load":
-        from digitgen.generate import load
+        from digitgen.serving import load
 
         return load
     raise AttributeError(f"module 'digitgen' has no attribute {name!r}")

@@ -4,10 +4,14 @@ Reads every configuration's per-seed metrics (results/evaluation/<config>.json, 
 evaluate stage) and writes, under results/:
   metrics.json            the headline DVC compares: mean and std over seeds of Table 1's five metrics
   summary.json            mean, std (over seeds, ddof=1) and n of every metric (the CI gate reads it)
-  table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference
+  table.md                Table 1's layout (mean ± std), best of each column in bold, the paper's values and our difference
+  table.csv               the same as plain numbers: mean, std, paper mean, paper std, ours - paper per metric
   curves/<config>.csv     validation BCE and label accuracy per epoch, mean over seeds (dvc.yaml's top-level
                           plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
+and, in MLflow: each configuration's parent run gets the mean and std over seeds of Table 1's metrics and
+of the final epoch's losses; a `summary` run holds the table and figures; the best seed of the best
+configuration is registered, and `@champion` moves to it only when it is better (see `champion_decision`).
 """
 
 from __future__ import annotations
@@ -22,12 +26,11 @@ import torch
 
 from digitgen import figures, tracking
 from digitgen.data import load_split
-from digitgen.evaluate import METRICS, write_json
-from digitgen.files import write_atomic
-from digitgen.generate import ModelSourceError
-from digitgen.models import load_model
-from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
-from digitgen.train import config_name, read_history
+from digitgen.evaluate import METRICS
+from digitgen.files import write_atomic, write_json
+from digitgen.models import ABSENT_TERMS, load_model
+from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError, config_name
+from digitgen.train import TIMINGS, read_history
 
 # Table 1's five columns, in the study's order and words
 TABLE_COLUMNS = {
@@ -139,9 +142,9 @@ def _difference(mean: float, std: float, paper_mean: float, paper_std: float) ->
     return f"{gap:+.{_digits(paper_mean)}f}" + (" †" if abs(gap) > std + paper_std else "")
 
 
-def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
-    """Table 1 with, per metric, ours (mean ± std, the best marked **bold**), the paper's, and ours - paper
-    (marked † beyond the spread)."""
+def display_table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """Table 1 as table.md shows it: per metric, ours (mean ± std, the best marked **bold**), the paper's,
+    and ours - paper (marked † beyond the spread)."""
     paper = paper_table()
     best = best_configs(summary)
     rows = {}
@@ -164,6 +167,128 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "Model"
     return frame
+
+
+def numeric_table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
+    """Table 1 as plain numbers (table.csv, the MLflow table): per metric our mean and std, the paper's, and
+    ours - paper; empty where a model or the paper has no value."""
+    paper = paper_table()
+    rows = {}
+    for config, metrics in summary.items():
+        row = {}
+        for metric in TABLE_COLUMNS:
+            ours = metrics.get(metric, {})
+            row[f"{metric}_mean"], row[f"{metric}_std"] = ours.get("mean"), ours.get("std")
+            known = config in paper.index and metric in metrics
+            row[f"{metric}_paper_mean"] = paper.at[config, f"{metric}_mean"] if known else None
+            row[f"{metric}_paper_std"] = paper.at[config, f"{metric}_std"] if known else None
+            row[f"{metric}_ours_minus_paper"] = ours["mean"] - row[f"{metric}_paper_mean"] if known else None
+        rows[display_name(config)] = row
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "Model"
+    return frame
+
+
+def final_losses(config: str, histories_dir: Path) -> dict[str, dict[str, float]]:
+    """{history column: {mean, std}} of the last epoch over the configuration's seeds, without the loss terms
+    the model does not have and without timings."""
+    last = pd.DataFrame([read_history(path)[-1] for path in sorted(Path(histories_dir, config).glob("seed*.csv"))])
+    absent = {f"{split}_{term}" for split in ("train", "val") for term in ABSENT_TERMS[config.rsplit("-", 1)[0]]}
+    columns = [c for c in last.columns if c not in ("epoch", *TIMINGS) and c not in absent]
+    std = last[columns].std(ddof=1).fillna(0.0) if len(last) > 1 else last[columns].mean() * 0.0
+    return {c: {"mean": float(last[c].mean()), "std": float(std[c])} for c in columns}
+
+
+def parent_run_metrics(summary: dict[str, dict[str, float]], losses: dict[str, dict[str, float]]) -> dict[str, float]:
+    """What a configuration's parent run carries: test/<metric>_mean and _std of Table 1's metrics,
+    train/ and val/<loss>_mean and _std of the final epoch."""
+    named = {tracking.evaluation_metric(m): summary[m] for m in TABLE_COLUMNS if m in summary}
+    named.update({tracking.history_metric(k): v for k, v in losses.items()})
+    return {f"{name}_{stat}": values[stat] for name, values in named.items() for stat in ("mean", "std")}
+
+
+def log_parent_runs(params: Params, configs: list[str], summary, histories_dir: Path, models_dir: Path) -> list[str]:
+    """Each configuration's mean and std over seeds, on its parent run; returns the configurations whose
+    training runs this store does not hold (restored from DVC's cache, or pulled)."""
+    missing = []
+    for config in configs:
+        model_file = next(iter(sorted(Path(models_dir, config).glob("seed*.pt"))))
+        parent = tracking.parent_run_of(params.tracking.experiment, model_file)
+        if parent is None:
+            missing.append(config)
+            continue
+        tracking.log_to_run(parent, parent_run_metrics(summary[config], final_losses(config, histories_dir)))
+    return missing
+
+
+# Which evaluation settings a champion's metric was measured under: values compare only when these agree
+CHAMPION_SETTINGS = ("evaluate.sampler", "evaluate.n_generated", "evaluate.is_splits", "evaluate.seed")
+
+
+def champion_decision(metric: str, new: float, current: dict | None, settings: dict[str, str], experiment: str,
+                      force: bool) -> tuple[bool, str]:
+    """(move @champion?, why). current: the champion's {"value", "settings", "version"}, or None.
+
+    A DVC experiment (`dvc exp run`) never takes the champion unless forced: it is a trial, not yet kept.
+    """
+    if force:
+        return True, "forced by registry.force_champion"
+    if experiment:
+        return False, (f"kept: DVC experiment {experiment} is a trial; `dvc exp apply` it and run aggregate again, or "
+                       "set registry.force_champion")
+    if current is None:
+        return True, "no champion yet"
+    if current["settings"] != settings:
+        return False, (f"kept: champion version {current['version']} was evaluated under other settings "
+                       f"({current['settings']} against {settings}); set registry.force_champion to move it")
+    better = new > current["value"] if METRICS[metric] == "higher" else new < current["value"]
+    if not better:
+        return False, f"kept: {metric} {new:.6g} is not better than the champion's {current['value']:.6g}"
+    return True, f"moved: {metric} {new:.6g} is better than the champion's {current['value']:.6g}"
+
+
+def _champion_record(version, metric: str) -> dict | None:
+    """What the decision compares of the current champion: its value and settings (its version's tags, or its
+    run's for a version registered before they were written)."""
+    if version is None:
+        return None
+    run = tracking.run_data(version.run_id)
+    value = version.tags.get(f"metric.{metric}") or run.metrics.get(tracking.evaluation_metric(metric),
+                                                                    run.metrics.get(metric))
+    settings = {k: version.tags.get(f"param.{k}") or run.params.get(k) or run.tags.get(k) for k in CHAMPION_SETTINGS}
+    return {"value": float("nan") if value is None else float(value), "settings": settings, "version": version.version}
+
+
+def update_champion(params: Params, config: str, seed: str, metrics: dict[str, float], model_file: Path) -> dict:
+    """Register the chosen seed's model as a new version (description, metrics, commit, DVC experiment,
+    params as tags) and move @champion per `champion_decision`; returns the decision and both numbers."""
+    registry, metric = params.registry, params.registry.champion_metric
+    name = registry.model_name
+    run_id = tracking.seed_run_for(params.tracking.experiment, config, seed, model_file, {})
+    run = tracking.run_data(run_id)
+    settings = {k: run.params.get(k) for k in CHAMPION_SETTINGS}
+    current = tracking.champion(name)
+    record = _champion_record(current, metric)
+    if current is not None and current.run_id == run_id:
+        move, why = False, "kept: this model already is the champion"
+    else:
+        move, why = champion_decision(metric, metrics[metric], record, settings, tracking.dvc_experiment(),
+                                      registry.force_champion)
+    commit = run.tags.get(tracking.GIT_COMMIT_TAG, "unknown")
+    experiment = tracking.dvc_experiment()
+    version = tracking.register_version(
+        run_id, name,
+        f"digitgen's best joint model by {metric}: one model for every condition of the study (generate, classify, "
+        "reconstruct, validate) through one request table; @champion moves only to a better model",
+        f"{config} seed{seed}: {metric} {metrics[metric]:.6g}; trained at commit {commit[:12]}"
+        + (f" in DVC experiment {experiment}" if experiment else "") + f". {why}",
+        {"config": config, "seed": seed, "git_commit": commit, "dvc_exp_name": experiment, "decision": why,
+         **{f"metric.{m}": str(v) for m, v in metrics.items() if m in METRICS},
+         **{f"param.{k}": v for k, v in run.params.items()}})
+    if move:
+        tracking.set_champion(name, version.version)
+    return {"decision": why, "moved": move, "version": version.version, "config": config, "seed": seed,
+            f"new_{metric}": metrics[metric], **({f"current_{metric}": record["value"]} if record else {})}
 
 
 def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, test_images: torch.Tensor,
@@ -198,27 +323,33 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     write_json(headline(summary), out_dir / "metrics.json")
     for config, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
         write_atomic(out_dir / "curves" / f"{config}.csv", frame.to_csv(float_format="%.6g"))
-    frame = table(summary)
-    write_atomic(out_dir / "table.csv", frame.to_csv())
-    write_atomic(out_dir / "table.md",
-        f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in bold; "
-        "paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± std "
-        "bands do not overlap).\n\n" + frame.to_markdown() + "\n")
+    frame, numbers = display_table(summary), numeric_table(summary)
+    write_atomic(out_dir / "table.csv", numbers.to_csv(float_format="%.6g"))
+    markdown = (f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in "
+                "bold; paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± "
+                "std bands do not overlap).\n\n" + frame.to_markdown() + "\n")
+    write_atomic(out_dir / "table.md", markdown)
     test = load_split(prepared_dir, "test")
     written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
                             out_dir / "figures", params.train.seeds[0])
-    tracking.log_summary(params.tracking.experiment, frame,
-                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", *written])
+    missing = log_parent_runs(params, configs, summary, Path(histories_dir), Path(models_dir))
+    if missing:
+        print(f"no parent run in this MLflow store for {', '.join(missing)} (restored from DVC's run-cache, or "
+              f"pulled): their means are in results/ only; `dvc repro -f train@<config>` logs them", file=sys.stderr)
     # the champion serves every condition, so it is chosen among the study's joint models
-    config, seed = champion_seed(summary, evaluations, study_configurations(params), params.registry.champion_metric)
-    run_id = tracking.seed_run_for(params.tracking.experiment, config, seed, Path(models_dir) / config / f"seed{seed}.pt")
+    metric = params.registry.champion_metric
+    config, seed = champion_seed(summary, evaluations, study_configurations(params), metric)
+    model_file = Path(models_dir) / config / f"seed{seed}.pt"
     try:
-        version = tracking.register_champion(run_id, params.registry.model_name)
-    except ModelSourceError as err:  # a model whose training run is not in this store has nothing to register
+        decision = update_champion(params, config, seed, evaluations[config][seed], model_file)
+    except tracking.TrackingError as err:  # a model whose training run is not in this store has nothing to register
+        decision = {"decision": f"not registered: {err}"}
         print(f"champion not registered: {err}; the training run of {config} seed{seed} is not in this MLflow store "
               f"(restored from DVC's run-cache, or pulled from a remote): `dvc repro -f train@{config}` logs one",
               file=sys.stderr)
-        return frame
-    print(f"champion by {params.registry.champion_metric}: {config} seed{seed} (run {run_id}) -> "
-          f"models:/{params.registry.model_name}@champion, version {version}")
+    else:
+        print(f"champion by {metric}: {config} seed{seed} -> models:/{params.registry.model_name} version "
+              f"{decision['version']}; {decision['decision']}")
+    tracking.log_summary(params.tracking.experiment, numbers, markdown,
+                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", *written], decision)
     return frame

@@ -15,7 +15,6 @@ features and statistics by that name alone.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,10 +26,9 @@ from torch import nn
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen.data import Digits, load_split
-from digitgen.files import save_torch, weights_checksum, write_atomic
-from digitgen.models import NUM_DIGITS
+from digitgen.files import save_torch, weights_checksum, write_json
+from digitgen.models import NUM_DIGITS, resolve_device
 from digitgen.params import ClassifierParams, DigitgenError
-from digitgen.train import resolve_device
 
 IMAGE_SIDE = 28
 
@@ -136,7 +134,7 @@ def run_classifier(params: ClassifierParams, prepared_dir: Path, out_path: Path,
     model = build_classifier(params).to(device)
     fit(model, train, params, device)
     metrics = {"test_accuracy": model.accuracy(test, params.batch_size)}
-    write_atomic(metrics_path, json.dumps(metrics, indent=2) + "\n")
+    write_json(metrics, metrics_path)
     if metrics["test_accuracy"] < params.min_test_accuracy:
         raise ClassifierError(f"test accuracy {metrics['test_accuracy']:.4f} is below classifier.min_test_accuracy "
                               f"{params.min_test_accuracy}; train longer (classifier.epochs) or widen classifier.channels")

@@ -1,8 +1,9 @@
-"""The `digitgen` command: parse arguments, load params, call one stage function."""
+"""The `digitgen` command: parse arguments, load params, call one stage function (thin: no logic here)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import signal
 import sys
@@ -52,7 +53,7 @@ def _label_cvae_figures(args, params) -> None:
 
 
 def _generate(args, params) -> None:
-    from digitgen.generate import run_generate
+    from digitgen.serving import run_generate
 
     count = run_generate(args.model, args.out, args.digit, args.n, args.digits, args.same_style, args.seed)
     print(f"wrote {count} images to {args.out}")
@@ -65,28 +66,21 @@ def _print_rows(header: tuple[str, ...], rows) -> None:
 
 
 def _classify(args, params) -> None:
-    from digitgen.generate import run_classify
+    from digitgen.serving import run_classify
 
     _print_rows(("image", "digit", "probability"), run_classify(args.model, args.images))
 
 
 def _reconstruct(args, params) -> None:
-    from digitgen.generate import run_reconstruct
+    from digitgen.serving import run_reconstruct
 
     _print_rows(("image", "digit", "probability"), run_reconstruct(args.model, args.images, args.out, args.labels))
 
 
 def _validate(args, params) -> None:
-    from digitgen.generate import run_validate
+    from digitgen.serving import run_validate
 
     _print_rows(("image", "label", "probability"), run_validate(args.model, args.images, args.labels))
-
-
-def _model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="a model file (models/cvae-16/seed0.pt) or an MLflow URI "
-                        "(runs:/<run_id>, models:/digitgen@champion)")
-    p.set_defaults(needs_params=False)  # usable outside the repository: no params.yaml needed
 
 
 def _classifier(args, params) -> None:
@@ -123,12 +117,6 @@ def _check_regression(args, params) -> int:
     return 0 if run_check_regression(args.metrics, args.baseline, args.thresholds) else 1
 
 
-def _config_arguments(p: argparse.ArgumentParser) -> None:
-    """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
-    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE])
-    p.add_argument("--latent-dim", type=int, required=True)
-
-
 def _check_configuration(args, params) -> None:
     """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim)."""
     if args.model == LABEL_CVAE:
@@ -137,116 +125,170 @@ def _check_configuration(args, params) -> None:
         override(params.study, "study", "--latent-dim", latent_dims=[args.latent_dim])
 
 
+DESCRIPTION = """\
+Conditional digit generation on MNIST: the study's joint CAE and CVAE, reproduced with DVC and MLflow.
+
+Use a trained model (a file such as models/cvae-16/seed0.pt, or an MLflow URI: runs:/<run_id>,
+models:/digitgen@champion):
+  generate             images from digits alone, as one PNG row of 28-pixel tiles
+  classify             the digit each image shows, from the image alone
+  reconstruct          reconstructions (one PNG row) and predicted digits
+  validate             the probability that each image's given label is right
+
+Pipeline stages (what `dvc repro` runs; see dvc.yaml):
+  download             the four MNIST files, MD5-checked
+  split                train/val/test tensors and class counts
+  train                every seed of one configuration, tracked in MLflow
+  label-cvae-figures   the label CVAE's pictures: style vs identity, latent scatter and plane, samples
+  classifier           the separate CNN that judges generated digits
+  reference            the metrics of real digits (floor and ceiling)
+  evaluate             the study's five metrics for every seed of one configuration
+  aggregate            mean ± std over seeds, Table 1, figures, MLflow summaries, the champion
+
+Maintenance and CI:
+  check-regression     the CI gate: fresh smoke metrics against the committed baseline
+
+`digitgen COMMAND --help` describes a command's options."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; an option's default shown after its help (options without one say so)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
+        return f"{action.help} (default: %(default)s)" if shown else action.help
+
+
+def _command(sub, name: str, func, help: str, needs_params: bool = True) -> argparse.ArgumentParser:
+    """A subcommand; those that read params.yaml also take --params after their name."""
+    p = sub.add_parser(name, description=help, formatter_class=_HelpFormatter)
+    p.set_defaults(func=func, needs_params=needs_params)
+    if needs_params:
+        p.add_argument("--params", type=Path, default=argparse.SUPPRESS,
+                       help="params file (default: params.yaml, or the --params given before the command)")
+    return p
+
+
+def _model_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True,
+                   help="a model file (models/cvae-16/seed0.pt) or an MLflow URI "
+                        "(runs:/<run_id>, models:/digitgen@champion)")
+
+
+def _config_arguments(p: argparse.ArgumentParser) -> None:
+    """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE], help="the model kind")
+    p.add_argument("--latent-dim", type=int, required=True,
+                   help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim)")
+
+
 def _judge_arguments(p: argparse.ArgumentParser) -> None:
     """What scoring reads: the prepared data, the separate classifier and torch-fidelity's feature cache."""
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"))
+    p.add_argument("--data", type=Path, default=Path("data/prepared"), help="the prepared split")
+    p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"), help="the separate classifier")
     p.add_argument("--cache", type=Path, default=Path("fidelity_cache"),
-                   help="torch-fidelity's cache of real-data features (default: fidelity_cache)")
+                   help="torch-fidelity's cache of real-data features")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="digitgen", description=__doc__)
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="digitgen", description=DESCRIPTION, formatter_class=_HelpFormatter)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
+    parser.add_argument("--version", action="version", version=f"digitgen {importlib.metadata.version('digitgen')}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
+    prepared = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}
 
-    p = sub.add_parser("download", help="stage download: the four MNIST files, MD5-checked")
-    p.add_argument("--out", type=Path, default=Path("data/raw"))
-    p.set_defaults(func=_download)
-
-    p = sub.add_parser("split", help="stage split: train/val/test tensors and class counts")
-    p.add_argument("--raw", type=Path, default=Path("data/raw"))
-    p.add_argument("--out", type=Path, default=Path("data/prepared"))
-    p.add_argument("--counts", type=Path, default=Path("results/split_counts.json"))
-    p.set_defaults(func=_split)
-
-    p = sub.add_parser("train", help="stage train: every seed of one configuration, tracked in MLflow")
-    _config_arguments(p)
-    p.add_argument("--seeds", type=int, nargs="+", help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
-    p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--out", type=Path, help="default: models/<model>-<latent_dim>")
-    p.add_argument("--history", type=Path, help="default: histories/<model>-<latent_dim>")
-    p.add_argument("--checkpoints", type=Path, help="default: checkpoints/<model>-<latent_dim>")
-    p.set_defaults(func=_train)
-
-    p = sub.add_parser("label-cvae-figures",
-                       help="stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples")
-    p.add_argument("--models", type=Path, help="the trained label CVAE's folder (default: models/label_cvae-<latent_dim>)")
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--out", type=Path, default=Path("results/label_cvae"))
-    p.set_defaults(func=_label_cvae_figures)
-
+    # Using a model
     images_help = "PNG files: 28 x 28 grayscale, or a row/grid of 28 x 28 tiles as generate writes"
-    p = sub.add_parser("generate", help="images from digits alone, as one PNG row of 28-pixel tiles")
+    p = _command(sub, "generate", _generate, "images from digits alone, as one PNG row of 28-pixel tiles", False)
     _model_argument(p)
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--digit", type=int, help="the digit to draw n times")
     what.add_argument("--digits", help="a digit string such as 2026, one tile per character")
-    p.add_argument("-n", type=int, help="images of --digit (default: 1; at most 10,000, one PNG row)")
+    p.add_argument("-n", type=int, help="images of --digit (none given: 1; at most 10,000, one PNG row)")
     p.add_argument("--same-style", action="store_true", help="one style noise for every image")
-    p.add_argument("--seed", type=int, help="seed of the style noise (default: a fresh draw)")
+    p.add_argument("--seed", type=int, help="seed of the style noise (none given: a fresh draw)")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    p.set_defaults(func=_generate)
 
-    p = sub.add_parser("classify", help="the digit each image shows, from the image alone")
+    p = _command(sub, "classify", _classify, "the digit each image shows, from the image alone", False)
     _model_argument(p)
     p.add_argument("images", type=Path, nargs="+", help=images_help)
-    p.set_defaults(func=_classify)
 
-    p = sub.add_parser("reconstruct", help="reconstructions (one PNG row) and predicted digits")
+    p = _command(sub, "reconstruct", _reconstruct, "reconstructions (one PNG row) and predicted digits", False)
     _model_argument(p)
     p.add_argument("images", type=Path, nargs="+", help=images_help)
     p.add_argument("--labels", type=int, nargs="+", help="one digit per image, to reconstruct with image and label")
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
-    p.set_defaults(func=_reconstruct)
 
-    p = sub.add_parser("validate", help="the probability that each image's given label is right")
+    p = _command(sub, "validate", _validate, "the probability that each image's given label is right", False)
     _model_argument(p)
     p.add_argument("images", type=Path, nargs="+", help=images_help)
     p.add_argument("--labels", type=int, nargs="+", required=True, help="one digit per image")
-    p.set_defaults(func=_validate)
 
-    p = sub.add_parser("classifier", help="stage classifier: the separate CNN that judges generated digits")
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--out", type=Path, default=Path("models/classifier.pt"))
-    p.add_argument("--metrics", type=Path, default=Path("results/classifier.json"))
-    p.set_defaults(func=_classifier)
+    # Pipeline stages
+    p = _command(sub, "download", _download, "stage download: the four MNIST files, MD5-checked")
+    p.add_argument("--out", type=Path, default=Path("data/raw"), help="where the files go")
 
-    p = sub.add_parser("reference", help="stage reference: the metrics of real digits (floor and ceiling)")
+    p = _command(sub, "split", _split, "stage split: train/val/test tensors and class counts")
+    p.add_argument("--raw", type=Path, default=Path("data/raw"), help="the downloaded MNIST files")
+    p.add_argument("--out", type=Path, default=Path("data/prepared"), help="where the split goes")
+    p.add_argument("--counts", type=Path, default=Path("results/split_counts.json"), help="class counts per split")
+
+    p = _command(sub, "train", _train, "stage train: every seed of one configuration, tracked in MLflow")
+    _config_arguments(p)
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
+    p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
+    p.add_argument("--data", **prepared)
+    p.add_argument("--out", type=Path, help="the models' folder (none given: models/<model>-<latent_dim>)")
+    p.add_argument("--history", type=Path, help="the histories' folder (none given: histories/<model>-<latent_dim>)")
+    p.add_argument("--checkpoints", type=Path,
+                   help="the checkpoints' folder (none given: checkpoints/<model>-<latent_dim>)")
+
+    p = _command(sub, "label-cvae-figures", _label_cvae_figures,
+                 "stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples")
+    p.add_argument("--models", type=Path,
+                   help="the trained label CVAE's folder (none given: models/label_cvae-<latent_dim>)")
+    p.add_argument("--data", **prepared)
+    p.add_argument("--out", type=Path, default=Path("results/label_cvae"), help="where the figures go")
+
+    p = _command(sub, "classifier", _classifier, "stage classifier: the separate CNN that judges generated digits")
+    p.add_argument("--data", **prepared)
+    p.add_argument("--out", type=Path, default=Path("models/classifier.pt"), help="the classifier's weights")
+    p.add_argument("--metrics", type=Path, default=Path("results/classifier.json"), help="its test accuracy")
+
+    p = _command(sub, "reference", _reference, "stage reference: the metrics of real digits (floor and ceiling)")
     _judge_arguments(p)
-    p.add_argument("--out", type=Path, default=Path("results/reference.json"))
-    p.set_defaults(func=_reference)
+    p.add_argument("--out", type=Path, default=Path("results/reference.json"), help="the reference metrics")
 
-    p = sub.add_parser("evaluate", help="stage evaluate: the study's metrics for every seed of one configuration")
+    p = _command(sub, "evaluate", _evaluate, "stage evaluate: the study's metrics for every seed of one configuration")
     _config_arguments(p)
     _judge_arguments(p)
-    p.add_argument("--models", type=Path, help="default: models/<model>-<latent_dim>")
-    p.add_argument("--out", type=Path, default=Path("results/evaluation"))
-    p.set_defaults(func=_evaluate)
+    p.add_argument("--models", type=Path, help="the trained seeds' folder (none given: models/<model>-<latent_dim>)")
+    p.add_argument("--out", type=Path, default=Path("results/evaluation"), help="where <config>.json goes")
 
-    p = sub.add_parser("aggregate", help="stage aggregate: mean ± std over seeds, Table 1, figures, the champion")
-    p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"))
-    p.add_argument("--histories", type=Path, default=Path("histories"))
-    p.add_argument("--models", type=Path, default=Path("models"))
-    p.add_argument("--data", type=Path, default=Path("data/prepared"))
-    p.add_argument("--out", type=Path, default=Path("results"))
-    p.set_defaults(func=_aggregate)
+    p = _command(sub, "aggregate", _aggregate,
+                 "stage aggregate: mean ± std over seeds, Table 1, figures, MLflow summaries, the champion")
+    p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"), help="the evaluations")
+    p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
+    p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
+    p.add_argument("--data", **prepared)
+    p.add_argument("--out", type=Path, default=Path("results"), help="where the results go")
 
+    # Maintenance and CI
     smoke = Path("pipelines/smoke")
-    p = sub.add_parser("check-regression", help="CI gate: fresh smoke metrics against the committed baseline")
+    p = _command(sub, "check-regression", _check_regression,
+                 "CI gate: fresh smoke metrics against the committed baseline", False)
     p.add_argument("--metrics", type=Path, default=smoke / "results" / "summary.json",
-                   help="the fresh run's summary of every metric (default: %(default)s)")
-    p.add_argument("--baseline", type=Path, default=smoke / "baseline.json")
-    p.add_argument("--thresholds", type=Path, default=smoke / "thresholds.yaml")
-    p.set_defaults(func=_check_regression, needs_params=False)
+                   help="the fresh run's summary of every metric")
+    p.add_argument("--baseline", type=Path, default=smoke / "baseline.json", help="the committed baseline")
+    p.add_argument("--thresholds", type=Path, default=smoke / "thresholds.yaml", help="the allowed worsening per metric")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        params = load_params(args.params) if getattr(args, "needs_params", True) else None
+        params = load_params(args.params) if args.needs_params else None
         status = args.func(args, params)
     except (DigitgenError, FileNotFoundError) as err:
         print(f"digitgen {args.command}: error: {err}", file=sys.stderr)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import shutil
 import struct
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitgen.files import save_torch, write_atomic
+from digitgen.files import save_torch, write_json
 from digitgen.params import DataParams, DigitgenError
 
 MIRROR_ENV = "DIGITGEN_MNIST_MIRROR"  # a folder or URL tried before params' mirrors (CI: ../shared/mnist)
@@ -185,7 +184,7 @@ def run_split(params: DataParams, raw_dir: Path, out_dir: Path, counts_path: Pat
     for name, digits in splits.items():
         digits.save(out_dir / f"{name}.pt")
     counts = class_counts(splits)
-    write_atomic(counts_path, json.dumps(counts, indent=2) + "\n")
+    write_json(counts, counts_path)
     return counts
 
 

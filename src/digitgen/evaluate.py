@@ -24,7 +24,6 @@ the validation images against the test images (the real-data floor).
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -40,10 +39,11 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.files import write_atomic
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize
+from digitgen.files import write_json
+from digitgen.models import (IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize,
+                             resolve_device)
 from digitgen.params import DigitgenError, EvaluateParams
-from digitgen.train import config_name, resolve_device
+from digitgen.params import config_name
 
 # Every metric and which way is better: the one declaration that aggregate and the CI gate read.
 # The *_std values written beside the Inception Scores are spreads over splits, not metrics.
@@ -263,10 +263,6 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
     return dict(sorted(found.items(), key=lambda item: int(item[0])))
 
 
-def write_json(data: dict, path: Path) -> None:
-    write_atomic(path, json.dumps(data, indent=2) + "\n")
-
-
 def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path,
                   cache_root: Path) -> dict:
     """Stage `reference`: the metrics of real digits, once, and the test set's cached features."""
@@ -291,6 +287,7 @@ class ConfigEvaluation:
     train: Digits  # for the fitted sampler
     test: Digits
     test_set: ImageSet
+    test_file: Path  # the prepared test split, logged as the evaluation's dataset
 
     @classmethod
     def load(cls, params: EvaluateParams, experiment: str, kind: str, latent_dim: int, models_dir: Path,
@@ -299,23 +296,23 @@ class ConfigEvaluation:
         judge = Judge.load(classifier_path, params, cache_root)
         test = load_split(prepared_dir, "test")
         return cls(config_name(kind, latent_dim), experiment, models, judge, load_split(prepared_dir, "train"),
-                   test, real_set(test, "test"))
+                   test, real_set(test, "test"), Path(prepared_dir) / "test.pt")
 
     def seeds(self) -> list[str]:
         return list(self.models)
 
     def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor]:
-        """Score one seed's model, log metrics, params (as tags) and samples to its training run; return the
-        metrics and its sample grid."""
+        """Score one seed's model, log metrics, settings (as params, with the device used) and samples to its
+        training run; return the metrics and its sample grid."""
         params = self.judge.params
         model = load_model(self.models[seed]).to(self.judge.device)
         metrics, images = evaluate_seed(model, self.judge, self.train, self.test, self.test_set)
         grid = sample_grid(images, params.grid_columns)
-        run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed])
-        tracking.log_metrics_to_run(run_id, metrics, tracking.flatten({"evaluate": asdict(params)}))
+        settings = tracking.flatten({"evaluate": {**asdict(params), "device": str(self.judge.device)}})
+        run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed], settings)
         title = f"{self.name} seed{seed}: digits 0-9, one per row ({params.sampler} sampler)"
-        tracking.log_figure_to_run(run_id, figures.digit_grid(grid, params.grid_columns, title),
-                                   "evaluation_samples.png")
+        tracking.log_evaluation(run_id, metrics, settings, self.test_file,
+                                figures.digit_grid(grid, params.grid_columns, title))
         return metrics, grid
 
 

@@ -58,6 +58,11 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
     return path
 
 
+def write_json(data: object, path: str | Path) -> Path:
+    """`data` as indented JSON (a final newline, as git likes), written atomically: every JSON output goes through here."""
+    return write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
 def save_torch(obj: object, path: str | Path) -> Path:
     """torch.save, atomically (serialised in memory first, so a disk error is an OSError naming `path`)."""
     import torch  # here, not at the top: the CLI takes folder_lock before the slow import of torch

@@ -132,13 +132,6 @@ class JointAutoencoder(nn.Module):
         """(mu, logvar): the latent's mean and log-variance; logvar is None for a deterministic latent."""
         raise NotImplementedError
 
-    @staticmethod
-    def latent(mu: torch.Tensor, logvar: torch.Tensor | None, noise: torch.Tensor | None) -> torch.Tensor:
-        """z = mu + sigma * noise (the reparameterisation); noise=None means z = mu."""
-        if logvar is None or noise is None:
-            return mu
-        return mu + torch.exp(0.5 * logvar) * noise
-
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
         """images: N x 784 floats in [0, 1] or None; digits: N int labels or None."""
         mu, logvar = self.encode(images, digits)
@@ -304,7 +297,22 @@ class LabelCVAE(nn.Module):
 
 
 Model = JointAutoencoder | LabelCVAE
+# Loss terms a kind does not have (its Losses hold a constant 0 there): the CAE has no KL, the label CVAE no digit NLL
+ABSENT_TERMS: dict[str, tuple[str, ...]] = {"cae": ("kl",), "cvae": (), "label_cvae": ("nll",)}
 MODELS: dict[str, type[Model]] = {"cae": CAE, "cvae": CVAE, "label_cvae": LabelCVAE}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a stage's `device` param names (auto: CUDA when present, else CPU), refused when absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    present = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+               "mps": torch.backends.mps.is_available()}.get(device.type, True)
+    if not present:
+        raise DigitgenError(f"device {name} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
+                            "GPUs); set the stage's device to auto or cpu in params.yaml (or pass --device cpu)")
+    return device
 
 
 def build_model(config: ModelConfig) -> Model:

@@ -217,6 +217,7 @@ class LabelCVAEParams:
 @dataclass(frozen=True)
 class TrackingParams:
     experiment: str = "digitgen"
+    system_metrics: bool = False  # MLflow samples CPU, memory (and GPU) use into each seed run (train/ stages)
 
     def __post_init__(self) -> None:
         _require(bool(self.experiment.strip()), "experiment", "a non-empty name", self.experiment)
@@ -228,6 +229,7 @@ class RegistryParams:
 
     model_name: str = "digitgen"
     champion_metric: str = "fid"  # the metric that picks the best configuration (its direction: digitgen.evaluate)
+    force_champion: bool = False  # move @champion to this run's best model even when it is not better
 
     def __post_init__(self) -> None:
         # the name ends up in URIs like models:/<name>@champion, so no slashes, colons or @

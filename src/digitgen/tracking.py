@@ -1,14 +1,21 @@
-"""Everything MLflow: where the store is, run names, nesting, tags, and what gets logged.
+"""Everything MLflow logs: where the store is, run names, nesting, tags, metric names, models, the registry.
 
 Layout in the UI: one experiment (params: tracking.experiment), one parent run per configuration
 ("cae-8"), one child run per seed ("cae-8/seed0"). The training loop never imports MLflow: it gets
-a `SeedRun`, whose `log_epoch` is all it needs.
+a `SeedRun`, whose `log_epoch` is all it needs. Loading a logged model is digitgen.serving's job;
+this module only logs.
+
+Names follow MLflow's split/name scheme: train/loss, val/bce, val/accuracy, test/fid. The aggregate
+stage gives each parent run the mean and std over seeds of the Table 1 metrics and the final losses
+(test/fid_mean, test/fid_std, val/bce_mean, ...), so the collapsed run table compares configurations.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.metadata
+import logging
 import os
 import re
 import socket
@@ -16,37 +23,42 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
-import mlflow.pyfunc
-import mlflow.pytorch
-import pandas as pd
 import requests
-import torch
-from mlflow.entities import Metric, RunStatus, RunTag
+import yaml
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
-from digitgen import generate
 from digitgen.data import md5sum
-from digitgen.models import save_model
 from digitgen.params import DigitgenError
+
+with warnings.catch_warnings():  # importing MLflow's pyfunc warns about MLflow's own type hints: not ours to fix
+    warnings.filterwarnings("ignore", ".*Any type hint is inferred as AnyType")
+    import mlflow.pyfunc
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-PYFUNC_NAME = "pyfunc"  # each seed run's serving model: runs:/<run_id>/pyfunc
 CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
-WEIGHTS_FILE = "model.pt"  # the pyfunc's weights, as models.save_model writes them
 MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote
+FINGERPRINT_TAG = "fingerprint"  # model, training params and data: with the commit, what makes two runs the same
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the run's source version
+EVALUATION_SAMPLES = "evaluation_samples.png"
 # MLflow retries an unreachable tracking server for minutes by default (7 retries, 120 s timeouts);
 # these fail in seconds instead. A user's own settings of the variables win.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+# progress bars are for a person at a terminal, not for the logs of a stage
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
 STORE_ERRORS = (MlflowException, OSError, requests.RequestException)  # what a store that is down or read-only raises
+EXPERIMENT_DESCRIPTION = (
+    "digitgen: the study's joint CAE and CVAE on MNIST. One parent run per configuration (cae-8, cvae-16, ...) "
+    "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
+    "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision.")
 
 
 def project_root() -> Path:
@@ -54,9 +66,13 @@ def project_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
-def default_tracking_uri() -> str:
+def default_store() -> Path:
     """The SQLite file at the project root."""
-    return f"sqlite:///{project_root() / STORE_FILE}"
+    return project_root() / STORE_FILE
+
+
+def default_tracking_uri() -> str:
+    return f"sqlite:///{default_store()}"
 
 
 def tracking_uri() -> str:
@@ -75,10 +91,13 @@ def experiment_id(name: str) -> str:
     with store_errors("opening the experiment"):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
+            if "mlflow.note.content" not in found.tags:  # made before experiments had a description
+                MlflowClient().set_experiment_tag(found.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
             return found.experiment_id
         # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
         location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
-        return mlflow.create_experiment(name, artifact_location=location)
+        return mlflow.create_experiment(name, artifact_location=location,
+                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
 
 
 @contextlib.contextmanager
@@ -95,19 +114,64 @@ def store_errors(doing: str):
                             "again (a stopped training resumes from its last checkpoint)") from None
 
 
-def git_tags() -> dict[str, str]:
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                                  cwd=project_root()).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return ""
+class TrackingError(DigitgenError):
+    """The tracking store, or a run in it, cannot be used; the message names the store and the fix."""
 
-    commit = git("rev-parse", "HEAD")
-    return {
-        "git_commit": commit or "unknown",
-        "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower() if commit else "unknown",
-    }
+
+# Where a run comes from: the commit, whether the checkout differed from it, the DVC stage and experiment
+def _git(root: Path, *args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def _dvc_outputs(root: Path) -> list[str]:
+    """The paths (from the git root) that DVC writes: every tracked dvc.lock and the outputs it lists."""
+    paths = []
+    for lock in _git(root, "ls-files", "--", "dvc.lock", "*/dvc.lock").splitlines():
+        paths.append(lock)
+        folder = Path(lock).parent
+        try:
+            stages = (yaml.safe_load((root / lock).read_text()) or {}).get("stages", {})
+        except (OSError, yaml.YAMLError):
+            continue
+        for stage in stages.values():
+            for section in ("outs", "metrics", "plots"):
+                paths += [os.path.normpath(folder / out["path"]) for out in stage.get(section, [])]
+    return paths
+
+
+def git_tags() -> dict[str, str]:
+    """The commit, and git_dirty: whether a tracked file other than DVC's own outputs differs from it.
+
+    DVC writes dvc.lock and the results/ files git keeps while a pipeline runs, so those never count;
+    untracked and ignored files never do either. Asked once per process and project.
+    """
+    return _git_tags(project_root())
+
+
+@functools.lru_cache(maxsize=8)
+def _git_tags(project: Path) -> dict[str, str]:
+    commit = _git(project, "rev-parse", "HEAD")
+    if not commit:
+        return {GIT_COMMIT_TAG: "unknown", "git_dirty": "unknown"}
+    root = Path(_git(project, "rev-parse", "--show-toplevel"))
+    outputs = _dvc_outputs(root)
+    changed = [path for path in _git(root, "diff", "--name-only", "HEAD", "--").splitlines()
+               if not any(path == out or path.startswith(out.rstrip("/") + "/") for out in outputs)]
+    return {GIT_COMMIT_TAG: commit, "git_dirty": str(bool(changed)).lower()}
+
+
+def run_tags() -> dict[str, str]:
+    """Tags of every run: where it comes from (commit, DVC stage and experiment) and which process writes it."""
+    return {**git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", ""), "dvc_exp_name": dvc_experiment(),
+            **_process_tags()}
+
+
+def dvc_experiment() -> str:
+    """The DVC experiment this process runs for (`dvc exp run` sets DVC_EXP_NAME), or ""."""
+    return os.environ.get("DVC_EXP_NAME", "")
 
 
 def flatten(params: dict, prefix: str = "") -> dict[str, str]:
@@ -119,6 +183,19 @@ def flatten(params: dict, prefix: str = "") -> dict[str, str]:
         else:
             flat[f"{prefix}{key}"] = str(value)
     return flat
+
+
+# Metric names: history and evaluation keys (train_loss, fid) as MLflow shows them (train/loss, test/fid)
+def history_metric(key: str) -> str:
+    """train_loss -> train/loss, val_accuracy -> val/accuracy, epoch_seconds -> train/epoch_seconds."""
+    split, _, name = key.partition("_")
+    return f"{split}/{name}" if split in ("train", "val") else f"train/{key}"
+
+
+def evaluation_metric(key: str) -> str:
+    """fid -> test/fid; an Inception Score's spread over its splits (inception_score_std) ->
+    test/inception_score_splits_std, apart from the parent runs' std over seeds (test/inception_score_std)."""
+    return f"test/{key.removesuffix('_std')}_splits_std" if key.endswith("_std") else f"test/{key}"
 
 
 def _end_status(error: BaseException | None) -> str:
@@ -136,7 +213,7 @@ def _run(**start_kwargs):
     (Unless the store itself is gone: then the next start marks it KILLED, or resumes it.)
     """
     with store_errors("starting a run"):
-        run = mlflow.start_run(**start_kwargs, tags=_process_tags())  # set again when a run is resumed
+        run = mlflow.start_run(**start_kwargs, tags=run_tags())  # set again when a run is resumed
     try:
         yield run
     except BaseException as error:
@@ -180,50 +257,94 @@ def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
     return [run.info.run_id for run in stale]
 
 
+def _dataset_input(path: Path, name: str, context: str) -> DatasetInput:
+    """A prepared split as an MLflow dataset: its name, the md5 of its file as digest, the file as source."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
+        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
+        source = resolve_dataset_source(str(Path(path).resolve()))
+    dataset = MetaDataset(source, name=name, digest=md5sum(path)[:8])
+    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+
+
 class SeedRun:
     """The handle the training loop logs through."""
 
-    def __init__(self, run_id: str):
+    def __init__(self, run_id: str, absent_terms: tuple[str, ...]):
         self.run_id = run_id
+        self.absent = {f"{split}_{term}" for split in ("train", "val") for term in absent_terms}
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """One epoch's history row, under MLflow names, without the loss terms this model does not have."""
+        named = {history_metric(key): value for key, value in metrics.items() if key not in self.absent}
         with store_errors(f"logging epoch {epoch}"):
-            mlflow.log_metrics(metrics, step=epoch)
+            mlflow.log_metrics(named, step=epoch)
 
 
 class ConfigRun:
     """The parent run of one configuration; `seed_run` opens (or reopens, to resume) a child per seed."""
 
-    def __init__(self, run_id: str, experiment_id: str):
+    def __init__(self, run_id: str, experiment_id: str, absent_terms: tuple[str, ...]):
         self.run_id = run_id
         self.experiment_id = experiment_id
+        self.absent_terms = absent_terms
 
     @contextlib.contextmanager
-    def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str]):
+    def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str],
+                 datasets: dict[str, Path], system_metrics: bool):
+        """A child run for one seed; datasets: {context: prepared split file}, logged as the run's inputs."""
         with _run(run_id=run_id, experiment_id=self.experiment_id, run_name=None if run_id else name, nested=True,
-                  parent_run_id=self.run_id) as run:
+                  parent_run_id=self.run_id, log_system_metrics=system_metrics,
+                  description=None if run_id else f"{name}: one seed of configuration {name.split('/')[0]}") as run:
             if run_id is None:
                 with store_errors("tagging the seed run"):
                     mlflow.set_tags({**tags, "seed": str(seed)})
                     mlflow.log_params({**flatten(params), "seed": str(seed)})
-            yield SeedRun(run.info.run_id)
+                    MlflowClient().log_inputs(run.info.run_id, [
+                        _dataset_input(path, f"mnist-{path.stem}", context) for context, path in datasets.items()])
+            yield SeedRun(run.info.run_id, self.absent_terms)
+
+
+def _same_run(exp_id: str, name: str, fingerprint: str) -> str | None:
+    """The parent run of an earlier training of the same configuration, fingerprint and clean commit, if any."""
+    tags = git_tags()
+    if tags["git_dirty"] != "false":  # a dirty or missing checkout: the commit does not say what ran
+        return None
+    where = (f"attributes.run_name = '{name}' AND tags.{FINGERPRINT_TAG} = '{fingerprint}' AND "
+             f"tags.`{GIT_COMMIT_TAG}` = '{tags[GIT_COMMIT_TAG]}' AND tags.git_dirty = 'false'")
+    with store_errors("looking for an earlier run of the same configuration"):
+        found = [run for run in MlflowClient().search_runs([exp_id], where, order_by=["attributes.start_time DESC"])
+                 if "mlflow.parentRunId" not in run.data.tags and run.info.status != "RUNNING"]
+    return found[0].info.run_id if found else None
 
 
 @contextlib.contextmanager
-def config_run(experiment: str, name: str, run_id: str | None, params: dict, tags: dict[str, str]):
-    """Open the parent run of a configuration (reopened by id when resuming), first marking KILLED its
-    runs (parent and seeds) left RUNNING by a trainer that died."""
+def config_run(experiment: str, name: str, run_id: str | None, params: dict, tags: dict[str, str],
+               fingerprint: str, absent_terms: tuple[str, ...] = ()):
+    """Open the parent run of a configuration: reopened by id when resuming, or the earlier run of the same
+    configuration, fingerprint and clean commit (its seed runs are then replaced, not duplicated). First
+    marks KILLED its runs (parent and seeds) left RUNNING by a trainer that died.
+
+    absent_terms: loss terms the model does not have (the CAE's KL), never logged.
+    """
     exp_id = experiment_id(experiment)
     stale = end_stale_runs(exp_id, tags)
     if stale:
         print(f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
               file=sys.stderr)
-    with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name) as run:
+    run_id = run_id or _same_run(exp_id, name, fingerprint)
+    description = (f"{name}: every seed as a child run. After `aggregate`, test/fid_mean and test/fid_std (and so "
+                   "on for each of Table 1's metrics) are the mean and std over seeds; val/bce_mean, train/loss_mean "
+                   "and their _std those of the final epoch's losses.")
+    with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name,
+              description=None if run_id else description) as run:
         if run_id is None:
             with store_errors("tagging the configuration run"):
-                mlflow.set_tags({**tags, **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
+                mlflow.set_tags({**tags, FINGERPRINT_TAG: fingerprint})
                 mlflow.log_params(flatten(params))
-        yield ConfigRun(run.info.run_id, exp_id)
+        yield ConfigRun(run.info.run_id, exp_id, absent_terms)
 
 
 def _pinned(*distributions: str) -> list[str]:
@@ -231,172 +352,206 @@ def _pinned(*distributions: str) -> list[str]:
     return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in distributions]
 
 
-def log_seed_artifacts(figures: dict[str, object], model, images: torch.Tensor, digits: torch.Tensor) -> None:
-    """End-of-training artifacts of the active seed run: figures, the PyTorch model and the serving pyfunc.
-
-    images (N x 784 in [0, 1]) and their digits are examples for the signatures. The PyTorch model's
-    signature is that of `reconstruct(images, digits)`, the one call every model answers from the same
-    inputs (the label CVAE needs the digits to encode).
-    """
+def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict) -> None:
+    """End-of-training artifacts of the active seed run: figures and the serving pyfunc model (named
+    <config>-seed<s>; `pyfunc` holds serving.pyfunc_parts)."""
     with store_errors("logging the trained model"):
         for filename, figure in figures.items():
             mlflow.log_figure(figure, filename)
             plt.close(figure)
-        with torch.no_grad():
-            output, _ = model.reconstruct(images, digits)
-        signature = infer_signature({"images": images.numpy(), "digits": digits.numpy()}, output.numpy())
-        # pickle (not pt2 export) because forward takes optional inputs; the package travels with the model
-        mlflow.pytorch.log_model(model, name="model", signature=signature, serialization_format="pickle",
-                                 code_paths=[str(Path(__file__).parent)], pip_requirements=_pinned("torch"))
-        _log_pyfunc(model, images[0].reshape(28, 28), int(digits[0]))
-
-
-class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
-    """Serves every condition of the study through one request table (generate.predict_frame).
-
-    Stateless when pickled: the weights travel as an artifact and load with weights_only=True.
-    """
-
-    def load_context(self, context) -> None:
-        self.model = generate.load(context.artifacts["weights"])
-
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return generate.predict_frame(self.model, model_input, **(params or {}))
-
-
-# The request and answer tables of generate.predict_frame. digit is a double on the way in because
-# integer columns cannot hold the gaps a mixed request has (MLflow's advice for missing integers).
-PYFUNC_SIGNATURE = ModelSignature(
-    inputs=Schema([ColSpec("string", "mode"), ColSpec("double", "digit", required=False),
-                   ColSpec(Array("double"), "pixels", required=False)]),
-    outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "probability", required=False),
-                    ColSpec(Array("double"), "probs", required=False),
-                    ColSpec(Array("double"), "pixels", required=False)]),
-    params=ParamSchema([ParamSpec("seed", "long", None), ParamSpec("same_style", "boolean", False)]))
-
-
-def _log_pyfunc(model, image: torch.Tensor, digit: int) -> None:
-    example = generate.example_request(generate.DigitModel(model, "training"), image, digit)
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / WEIGHTS_FILE
-        save_model(model, weights)
-        # A pickled PythonModel (MLflow warns about pickles) rather than models-from-code: the
-        # instance holds no state, only a reference to this class, which code_paths ships.
-        mlflow.pyfunc.log_model(
-            name=PYFUNC_NAME, python_model=DigitgenPyfunc(), artifacts={"weights": str(weights)},
-            signature=PYFUNC_SIGNATURE, input_example=(example, {"seed": 0}),
-            code_paths=[str(Path(__file__).parent)],
-            pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
-
-
-def _require_store() -> None:
-    """Point MLflow at our store; refuse to create an empty default store where none was meant to be."""
-    uri = tracking_uri()
-    if uri == default_tracking_uri() and not (project_root() / STORE_FILE).is_file():
-        raise generate.ModelSourceError(f"no MLflow store at {project_root() / STORE_FILE}; run from the "
-                                        "repository root or set MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
+        with _quiet_model_logging():
+            mlflow.pyfunc.log_model(
+                name=model_name, **pyfunc, code_paths=[str(Path(__file__).parent)],  # the code travels with the model
+                pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
 
 
 @contextlib.contextmanager
-def pyfunc_weights(uri: str):
-    """The weights file of the digitgen pyfunc at an MLflow model URI, downloaded for the with block.
-
-    runs:/<run_id> alone means that run's pyfunc model.
-    """
-    _require_store()
-    if re.fullmatch(r"runs:/[^/]+/?", uri):
-        uri = f"{uri.rstrip('/')}/{PYFUNC_NAME}"
-    # no progress bars on the terminal of a CLI user waiting for one small model
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-            weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
-        except MlflowException as err:
-            reason = str(err).splitlines()[0]
-            raise generate.ModelSourceError(f"{uri}: no such MLflow model in {tracking_uri()} ({reason}); "
-                                            "expected runs:/<run_id> or models:/<name>@<alias>") from None
-        except ImportError as err:  # s3://, gs://, ... need their client package
-            raise generate.ModelSourceError(f"{uri}: reading it needs the package {err.name}, which is not installed; "
-                                            "install it (s3://: `uv add boto3`) or download the model file and pass "
-                                            "its path") from None
-        except (OSError, KeyError, TypeError):
-            raise generate.ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the '{PYFUNC_NAME}' "
-                                            "model that `digitgen train` logs in every seed run") from None
-        yield local / weights
-
-
-def register_champion(run_id: str, model_name: str) -> str:
-    """Register the run's pyfunc model as model_name and point alias `champion` at it; returns the version.
-
-    Idempotent: when the champion already is this run's model, no new version is made.
-    """
-    _require_store()
-    client = MlflowClient()
+def _quiet_model_logging():
+    """Log a model without two notices that are MLflow's, not the user's: pandas 4 deprecating a comparison
+    MLflow makes, and no pip version to pin in a uv environment (which has no pip; the requirements are pinned)."""
+    environment = logging.getLogger("mlflow.utils.environment")
+    level = environment.level
+    environment.setLevel(logging.ERROR)
     try:
-        current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException:  # no such model or alias yet
-        current = None
-    if current is not None and current.run_id == run_id:
-        return current.version
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Operation with range is deprecated")
+            yield
+    finally:
+        environment.setLevel(level)
+
+
+def _logged_model(client: MlflowClient, run_id: str):
+    """The digitgen model a seed run logged, or None."""
     run = client.get_run(run_id)
-    logged = client.search_logged_models([run.info.experiment_id], max_results=1,
-                                         filter_string=f"source_run_id = '{run_id}' AND name = '{PYFUNC_NAME}'")
-    if not logged:
-        raise generate.ModelSourceError(f"run {run_id} has no '{PYFUNC_NAME}' model; expected a seed run "
-                                        "logged by `digitgen train`")
-    version = mlflow.register_model(logged[0].model_uri, model_name)
-    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
-    return version.version
+    models = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
+    # stores written before models were named per seed also hold a pytorch-flavour `model`: the pyfunc serves
+    return next((m for m in models if m.name != "model"), None)
 
 
-class TrackingError(DigitgenError):
-    """The tracking store, or a run in it, cannot be used; the message names the store and the fix."""
+def logged_model_uri(run_id: str) -> str:
+    """models:/<model_id> of the model a seed run logged."""
+    model = _logged_model(MlflowClient(tracking_uri()), run_id)
+    if model is None:
+        raise TrackingError(f"run {run_id} logged no digitgen model; expected a seed run logged by `digitgen train`")
+    return model.model_uri
 
 
-def tag_model_file(run_id: str, path: Path) -> None:
-    """Tag the seed run with its model file's md5: how evaluation and the registry find the run again
-    (run ids are kept out of DVC's cached outputs, which must not change when nothing else does)."""
-    MlflowClient(tracking_uri()).set_tag(run_id, MODEL_MD5_TAG, md5sum(path))
+def finish_seed_run(run_id: str, model_file: Path) -> None:
+    """Tag the seed run with its model file's md5 (how evaluation and the registry find it again: run ids are
+    kept out of DVC's cached outputs), then replace the earlier runs of the same seed under the same parent:
+    they are deleted, and when they trained the same bytes, their evaluation moves to this run (DVC sees an
+    unchanged model and does not evaluate it again)."""
+    client = MlflowClient(tracking_uri())
+    md5 = md5sum(model_file)
+    with store_errors("tagging the seed run with its model"):
+        client.set_tag(run_id, MODEL_MD5_TAG, md5)
+        run = client.get_run(run_id)
+        parent = run.data.tags.get("mlflow.parentRunId")
+        if parent is None:
+            return
+        earlier = [r for r in client.search_runs(
+            [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' AND tags.seed = '{run.data.tags['seed']}'")
+            if r.info.run_id != run_id]
+        for old in earlier:
+            if old.data.tags.get(MODEL_MD5_TAG) == md5:
+                _move_evaluation(client, old, run_id)
+            client.delete_run(old.info.run_id)
 
 
-def seed_run_for(experiment: str, name: str, seed: str, model_file: Path) -> str:
-    """The newest finished run that trained `model_file` (by its md5), else a new run for it.
+def _move_evaluation(client: MlflowClient, old, run_id: str) -> None:
+    """Copy an earlier run's evaluation (test/ metrics, evaluate. params, sample grid) to the run that replaces it."""
+    metrics = {k: v for k, v in old.data.metrics.items() if k.startswith("test/")}
+    params = {k: v for k, v in old.data.params.items() if k.startswith("evaluate.")}
+    if not metrics:
+        return
+    model_id = _model_id(client, run_id)
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()],
+                     params=[Param(k, v) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(MlflowException, OSError):
+        client.log_artifact(run_id, client.download_artifacts(old.info.run_id, EVALUATION_SAMPLES, tmp))
 
-    A new run appears when the file was trained against another store, e.g. pulled from a DVC remote:
-    the evaluation is still logged, to a run named like the training run and tagged with the same md5.
+
+def _model_id(client: MlflowClient, run_id: str) -> str | None:
+    model = _logged_model(client, run_id)
+    return model and model.model_id
+
+
+def seed_run_for(experiment: str, name: str, seed: str, model_file: Path, evaluation: dict[str, str]) -> str:
+    """The newest finished run that trained `model_file` (by its md5) and holds no other evaluation settings,
+    else a new run for it.
+
+    A new run appears when the file was trained against another store (pulled from a DVC remote), or
+    when the model is evaluated again under other settings (evaluate.* params differ; MLflow params are
+    written once): the evaluation is still logged, to a run named like the training run and tagged
+    with the same md5.
     """
     md5 = md5sum(model_file)
     exp_id = experiment_id(experiment)
-    found = MlflowClient().search_runs([exp_id], f"tags.{MODEL_MD5_TAG} = '{md5}' AND attributes.status = 'FINISHED'",
-                                       order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
-        return found[0].info.run_id
-    with _run(experiment_id=exp_id, run_name=f"{name}/seed{seed}") as run:
-        mlflow.set_tags({MODEL_MD5_TAG: md5, "seed": seed, "trained_elsewhere": "true"})
+    with store_errors("finding the seed run of a model"):
+        found = MlflowClient().search_runs(
+            [exp_id], f"tags.{MODEL_MD5_TAG} = '{md5}' AND attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"])
+    for run in found:
+        if all(run.data.params.get(k, v) == v for k, v in evaluation.items() if k != "evaluate.device"):
+            return run.info.run_id
+    with _run(experiment_id=exp_id, run_name=f"{name}/seed{seed}",
+              description=f"{name}/seed{seed}: the evaluation of a model whose training run is not in this store "
+                          "or was evaluated under other settings") as run:
+        mlflow.set_tags({MODEL_MD5_TAG: md5, "seed": seed, "trained_elsewhere": str(not found).lower()})
         return run.info.run_id
 
 
-def log_metrics_to_run(run_id: str, metrics: dict[str, float], tags: dict[str, str] | None = None) -> None:
-    """Log metrics (and tags) to an existing (finished) run, e.g. evaluation results to the seed's training run."""
+def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str, str], test_file: Path,
+                   figure) -> None:
+    """Evaluation results on a seed run: test/ metrics linked to its logged model and to the test split
+    (logged as an input), the evaluation settings as params, the sample grid as an artifact."""
     client = MlflowClient(tracking_uri())
-    now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()],
-                     tags=[RunTag(key, value) for key, value in (tags or {}).items()])
-
-
-def log_figure_to_run(run_id: str, figure, filename: str) -> None:
-    """Log a figure as an artifact of an existing run (closing it), e.g. generated samples beside their metrics."""
-    MlflowClient(tracking_uri()).log_figure(run_id, figure, filename)
+    with store_errors("logging the evaluation"):
+        dataset = _dataset_input(test_file, f"mnist-{Path(test_file).stem}", "evaluation")
+        client.log_inputs(run_id, [dataset])
+        model_id, now = _model_id(client, run_id), int(time.time() * 1000)
+        logged = client.get_run(run_id).data.params
+        client.log_batch(run_id, metrics=[Metric(evaluation_metric(k), float(v), now, 0, model_id=model_id,
+                                                 dataset_name=dataset.dataset.name,
+                                                 dataset_digest=dataset.dataset.digest)
+                                          for k, v in metrics.items()],
+                         params=[Param(k, v) for k, v in evaluation.items() if k not in logged])
+        client.log_figure(run_id, figure, EVALUATION_SAMPLES)
     plt.close(figure)
 
 
-def log_summary(experiment: str, table, files: list[Path]) -> str:
-    """A `summary` run holding Table 1 (as an MLflow table, shown in the UI's artifact view) and the results files."""
-    with _run(experiment_id=experiment_id(experiment), run_name="summary") as run:
-        mlflow.set_tags({"summary": "true", **git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", "")})
+# The aggregate stage: parent runs' summaries, the summary run, the registry
+def parent_run_of(experiment: str, model_file: Path) -> str | None:
+    """The parent (configuration) run of the seed run that trained `model_file`, if this store has it."""
+    exp_id = experiment_id(experiment)  # first: it points MLflow at our store
+    with store_errors("finding a configuration's run"):
+        found = MlflowClient().search_runs([exp_id], f"tags.{MODEL_MD5_TAG} = '{md5sum(model_file)}'",
+                                           order_by=["attributes.start_time DESC"])
+    return next((r.data.tags["mlflow.parentRunId"] for r in found if "mlflow.parentRunId" in r.data.tags), None)
+
+
+def run_data(run_id: str):
+    """A run's params, metrics and tags (mlflow.entities.RunData)."""
+    with store_errors("reading a run"):
+        return MlflowClient(tracking_uri()).get_run(run_id).data
+
+
+def log_to_run(run_id: str, metrics: dict[str, float]) -> None:
+    """Metrics (step 0) on an existing run, e.g. a configuration's mean and std over seeds on its parent run."""
+    now = int(time.time() * 1000)
+    with store_errors("logging to a configuration's run"):
+        MlflowClient(tracking_uri()).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+
+def log_summary(experiment: str, table, markdown: str, files: list[Path], decision: dict[str, object]) -> str:
+    """A `summary` run holding Table 1 (an MLflow table of plain numbers, and as markdown), the results files
+    and the champion decision (tags champion.*, metrics champion/*)."""
+    with _run(experiment_id=experiment_id(experiment), run_name="summary",
+              description="Table 1 over every configuration, the figures, and the champion decision") as run:
+        mlflow.set_tags({"summary": "true", **{f"champion.{k}": str(v) for k, v in decision.items()}})
+        mlflow.log_metrics({f"champion/{k}": float(v) for k, v in decision.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.log_table(data=table.reset_index(), artifact_file="table1.json")
+        mlflow.log_text(markdown, "table1.md")
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="figures" if path.suffix == ".png" else None)
         return run.info.run_id
+
+
+def champion(model_name: str):
+    """The model version `champion` points at, or None."""
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException:  # no such model or alias yet
+        return None
+
+
+def register_version(run_id: str, model_name: str, model_description: str, description: str,
+                     tags: dict[str, str]):
+    """A version of `model_name` holding the seed run's logged model (the one registered before, when this run's
+    model already has one), with its description and tags."""
+    mlflow.set_tracking_uri(tracking_uri())
+    client = MlflowClient()
+    with store_errors("registering the model"):
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, description=model_description)
+        source = logged_model_uri(run_id)
+        version = next((v for v in client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")), None)
+        if version is None:
+            version = client.create_model_version(model_name, source, run_id=run_id, description=description,
+                                                  model_id=source.removeprefix("models:/"))
+        else:
+            client.update_model_version(model_name, version.version, description=description)
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, version.version, key, value)
+        return client.get_model_version(model_name, version.version)
+
+
+def set_champion(model_name: str, version: str) -> None:
+    with store_errors("moving the champion alias"):
+        MlflowClient(tracking_uri()).set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
+

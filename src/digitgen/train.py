@@ -25,6 +25,7 @@ import pickle
 import shutil
 import signal
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import asdict, replace
@@ -34,9 +35,9 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from digitgen import figures, files, tracking
+from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import LabelCVAE, Model, ModelConfig, build_model, save_model
+from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
 from digitgen.params import INPUT_MODES, LABEL_CVAE, DigitgenError, Params, TrainParams, config_name
 
 class EpochLogger(Protocol):
@@ -45,18 +46,6 @@ class EpochLogger(Protocol):
 
 class DivergenceError(DigitgenError):
     """Training that blew up (a NaN, or a loss past max_loss); the message names the run, the epoch and the fix."""
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    present = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-               "mps": torch.backends.mps.is_available()}.get(device.type, True)
-    if not present:
-        raise DigitgenError(f"device {name} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
-                            "GPUs); set the stage's device to auto or cpu in params.yaml (or pass --device cpu)")
-    return device
 
 
 def mode_probabilities(weights: dict[str, float]) -> dict[str, float]:
@@ -228,8 +217,11 @@ def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _run_params(params: Params, config: ModelConfig, train_params: TrainParams) -> dict:
-    return {"model": asdict(config), "train": {k: v for k, v in asdict(train_params).items() if k != "seeds"},
+def _run_params(params: Params, config: ModelConfig, train_params: TrainParams, device: torch.device) -> dict:
+    """What shapes a run, as used: the architecture keys of this kind only, the device the run trained on."""
+    unused = "hidden_dim" if config.kind == LABEL_CVAE else "hidden_dims"
+    return {"model": {k: v for k, v in asdict(config).items() if k != unused},
+            "train": {**{k: v for k, v in asdict(train_params).items() if k != "seeds"}, "device": str(device)},
             "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"}}
 
 
@@ -292,8 +284,10 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
         files.require_writable(folder)
 
     tags = {"model": kind, "latent_dim": str(latent_dim)}
-    run_params = _run_params(params, config, train_params)
-    with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags) as parent:
+    run_params = _run_params(params, config, train_params, dev)
+    datasets = {"training": prepared_dir / "train.pt", "validation": prepared_dir / "val.pt"}
+    with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags,
+                             fingerprint[:16], ABSENT_TERMS[kind]) as parent:
         state["parent_run_id"] = parent.run_id
         files.write_atomic(state_file, json.dumps(state))
         seed_runs = {}
@@ -306,7 +300,8 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
                 model.load_state_dict(saved["model"])
                 history, run_id = saved["history"], saved["run_id"]
             else:
-                with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags) as run:
+                with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags, datasets,
+                                     params.tracking.system_metrics) as run:
                     history = fit(model, train, val, train_params, seed, run, checkpoint, saved, dev,
                                   f"{name} seed{seed}")
                     _log_seed_artifacts(model, history, val, name, seed)
@@ -314,7 +309,7 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
                 saved = torch.load(checkpoint, weights_only=True)
                 files.save_torch({**saved, "done": True}, checkpoint)
             save_model(model.cpu(), out_dir / f"seed{seed}.pt")
-            tracking.tag_model_file(run_id, out_dir / f"seed{seed}.pt")
+            tracking.finish_seed_run(run_id, out_dir / f"seed{seed}.pt")
             write_history(history, history_dir / f"seed{seed}.csv")
             seed_runs[str(seed)] = run_id
     shutil.rmtree(checkpoint_dir)
@@ -325,9 +320,10 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
 def _log_seed_artifacts(model: Model, history, val: Digits, name: str, seed: int) -> None:
     model = model.cpu().eval()
     originals = val.float_images()[:10]
-    tracking.log_seed_artifacts(
-        {"loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
-         "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
-         "generations.png": figures.generation_grid(model, seed)},
-        model, originals, val.labels[:10])
+    with tempfile.TemporaryDirectory() as tmp:
+        tracking.log_seed_artifacts(
+            {"loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
+             "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
+             "generations.png": figures.generation_grid(model, seed)},
+            f"{name}-seed{seed}", serving.pyfunc_parts(model, originals[0].reshape(28, 28), int(val.labels[0]), tmp))
     model.train()

@@ -1,4 +1,4 @@
-"""Inference: the study's three conditions for a person (CLI, PNG files) and a program (Python, MLflow).
+"""Serving: the model a person (CLI, PNG files) or a program (Python, MLflow) uses, under the study's three conditions.
 
     model = digitgen.load("models/cvae-16/seed0.pt")  # or "runs:/<run_id>", "models:/digitgen@champion"
     model.generate(7, n=16)                      # label only      -> 16 x 28 x 28 images
@@ -9,17 +9,21 @@
 
 Images go in and out as float tensors in [0, 1] shaped N x 28 x 28 (one explicit channel, N x 1 x 28 x 28
 or N x 28 x 28 x 1, is accepted too).
-The inference math is the model's own (models.py); this module checks inputs, draws style noise and
-converts to and from PNG files and the pyfunc's request table (`predict_frame`). Bad input stops
-with an `InputError` whose one line names what was expected.
+The inference math is the model's own (models.py); this module loads a model (a file, runs:/,
+models:/), checks inputs, draws style noise, converts to and from PNG files and the pyfunc's request
+table (`predict_frame`), and holds the pyfunc wrapper (`DigitgenPyfunc`) that MLflow serves. Bad input
+stops with an `InputError` whose one line names what was expected. MLflow is imported only when a
+URI is loaded or the pyfunc is built: `digitgen generate --model <file>` never waits for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import pickle
 import re
+import tempfile
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +35,7 @@ from PIL import Image, UnidentifiedImageError
 
 from digitgen import figures
 from digitgen.files import write_atomic
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, UnsupportedTask, load_model
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, UnsupportedTask, load_model, save_model
 from digitgen.params import DigitgenError
 
 SIDE = 28  # MNIST images are 28 x 28 pixels
@@ -197,15 +201,13 @@ _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # runs:/, models:/, s3://, ...;
 def load(source: str | Path, device: str = "cpu") -> DigitModel:
     """A trained model from a file written by `digitgen train` or an MLflow model URI.
 
-    runs:/<run_id> is short for runs:/<run_id>/pyfunc, the model every training seed run logs;
+    runs:/<run_id> means the model that training seed run logged (<config>-seed<s>);
     models:/<name>@champion is the registered best configuration. MLflow URIs are resolved against
-    $MLFLOW_TRACKING_URI, else mlflow.db in the working folder.
+    $MLFLOW_TRACKING_URI, else mlflow.db at the project root.
     """
     text = str(source)
     if _URI.match(text):
-        from digitgen import tracking  # MLflow is slow to import; only URIs need it
-
-        with tracking.pyfunc_weights(text) as path:
+        with pyfunc_weights(text) as path:
             return DigitModel(_load_file(path, text, device), text)
     path = Path(text)
     if not path.is_file():
@@ -453,3 +455,110 @@ def run_validate(source: str, paths: list[Path], labels: list[int]) -> list[tupl
     images, names = read_pngs(paths)
     probs = load(source).validate(images, labels)
     return [(name, int(y), float(p)) for name, y, p in zip(names, labels, probs)]
+
+
+# MLflow: loading a logged model's weights, and the pyfunc wrapper every seed run logs.
+WEIGHTS_FILE = "model.pt"  # the pyfunc's weights artifact, as models.save_model writes them
+
+
+@contextlib.contextmanager
+def pyfunc_weights(uri: str):
+    """The weights file of the digitgen pyfunc at an MLflow model URI, downloaded for the with block.
+
+    runs:/<run_id> alone means the model that seed run logged.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+
+    from digitgen import tracking
+
+    if tracking.tracking_uri() == tracking.default_tracking_uri() and not tracking.default_store().is_file():
+        raise ModelSourceError(f"no MLflow store at {tracking.default_store()}; run from the repository root or set "
+                               "MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            if re.fullmatch(r"runs:/[^/]+/?", uri):
+                uri = tracking.logged_model_uri(uri.removeprefix("runs:/").rstrip("/"))
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
+        except (MlflowException, tracking.TrackingError) as err:
+            reason = str(err).splitlines()[0]
+            raise ModelSourceError(f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({reason}); "
+                                   "expected runs:/<run_id> or models:/<name>@<alias>") from None
+        except ImportError as err:  # s3://, gs://, ... need their client package
+            raise ModelSourceError(f"{uri}: reading it needs the package {err.name}, which is not installed; "
+                                   "install it (s3://: `uv add boto3`) or download the model file and pass "
+                                   "its path") from None
+        except (OSError, KeyError, TypeError):
+            raise ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the model `digitgen train` "
+                                   "logs in every seed run") from None
+        yield local / weights
+
+
+def pyfunc_signature():
+    """The request and answer tables of predict_frame. digit is a double on the way in because integer
+    columns cannot hold the gaps a mixed request has (MLflow's advice for missing integers)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "mode"), ColSpec("double", "digit", required=False),
+                       ColSpec(Array("double"), "pixels", required=False)]),
+        outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "probability", required=False),
+                        ColSpec(Array("double"), "probs", required=False),
+                        ColSpec(Array("double"), "pixels", required=False)]),
+        params=ParamSchema([ParamSpec("seed", "long", None), ParamSpec("same_style", "boolean", False)]))
+
+
+def _pyfunc_class() -> type:
+    """DigitgenPyfunc, built on first use (digitgen.serving.DigitgenPyfunc) so that importing this module does
+    not import MLflow. It holds no state: the weights travel as an artifact and load with weights_only=True."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    from digitgen.tracking import mlflow  # MLflow with its pyfunc, imported without MLflow's own warnings
+
+    class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
+        """Serves every condition of the study through one request table (predict_frame)."""
+
+        def load_context(self, context) -> None:
+            self.model = load(context.artifacts["weights"])
+
+        def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+            try:
+                return predict_frame(self.model, model_input, **(params or {}))
+            except DigitgenError as err:  # bad input or a condition the model lacks: the 400 answer's message
+                raise MlflowException(str(err), error_code=INVALID_PARAMETER_VALUE) from None
+
+    DigitgenPyfunc.__module__, DigitgenPyfunc.__qualname__ = __name__, "DigitgenPyfunc"
+    return DigitgenPyfunc
+
+
+def __getattr__(name: str):
+    if name == "DigitgenPyfunc":
+        if name not in globals():
+            globals()[name] = _pyfunc_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The pyfunc as MLflow's "models from code": this file travels with the model and names the wrapper, so
+# nothing is pickled (the digitgen package itself travels as the model's code_paths).
+PYFUNC_CODE = """import mlflow
+from digitgen.serving import DigitgenPyfunc
+
+mlflow.models.set_model(DigitgenPyfunc())
+"""
+
+
+def pyfunc_parts(net, image: torch.Tensor, digit: int, folder: Path) -> dict:
+    """What mlflow.pyfunc.log_model needs to log `net` as the digitgen pyfunc: the wrapper's code, its weights
+    (both written to `folder`), signature and an input example of every condition the model supports."""
+    weights, code = Path(folder) / WEIGHTS_FILE, Path(folder) / "digitgen_pyfunc.py"
+    save_model(net, weights)
+    write_atomic(code, PYFUNC_CODE)
+    example = example_request(DigitModel(net, "training"), image, digit)
+    return {"python_model": str(code), "artifacts": {"weights": str(weights)},
+            "signature": pyfunc_signature(), "input_example": (example, {"seed": 0})}

@@ -12,7 +12,7 @@ from PIL import Image
 import digitgen
 from digitgen import figures
 from digitgen.cli import main
-from digitgen.generate import (DigitModel, InputError, ModelSourceError, generate_string,
+from digitgen.serving import (DigitModel, InputError, ModelSourceError, generate_string,
                                predict_frame, read_png, request_frame, write_png)
 from digitgen.models import ModelConfig, UnsupportedTask, build_model
 from digitgen.params import DigitgenError
@@ -134,7 +134,7 @@ def test_pyfunc_answers_every_mode_as_the_api_does(store, test_images, kind):
                          request_frame("reconstruct", images=images),
                          request_frame("reconstruct", images=images, digits=labels),
                          request_frame("validate", images=images, digits=labels)], ignore_index=True)
-    served = mlflow.pyfunc.load_model(f"runs:/{store[kind].run_id}/pyfunc")
+    served = mlflow.pyfunc.load_model(f"runs:/{store[kind].run_id}/{kind}-4-seed0")  # <config>-seed<s>
     out = served.predict(request, params={"seed": 5, "same_style": True})
     pixels = lambda rows: torch.tensor(out.pixels[rows].tolist()).float().reshape(-1, 28, 28)  # noqa: E731
     probs = lambda rows: torch.tensor(out.probs[rows].tolist()).float()  # noqa: E731
@@ -151,14 +151,16 @@ def test_pyfunc_answers_every_mode_as_the_api_does(store, test_images, kind):
     assert torch.allclose(torch.tensor(out.probability[20:26].tolist()).float(), api.validate(images, labels))
 
 
-def test_register_champion_sets_the_alias_and_is_idempotent(store):
-    from digitgen.tracking import register_champion
+def test_the_pyfunc_refuses_bad_input_with_digitgens_own_one_line_reason(store):
+    """`mlflow models serve` answers an MlflowException from predict with its message and a 400."""
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
-    version = register_champion(store["cae"].run_id, "digitgen-test")
-    assert register_champion(store["cae"].run_id, "digitgen-test") == version
-    assert digitgen.load("models:/digitgen-test@champion").kind == "cae"
-    assert register_champion(store["cvae"].run_id, "digitgen-test") != version
-    assert digitgen.load("models:/digitgen-test@champion").kind == "cvae"
+    served = mlflow.pyfunc.load_model(f"runs:/{store['cae'].run_id}/cae-4-seed0")
+    with pytest.raises(MlflowException) as refused:
+        served.predict(pd.DataFrame({"mode": ["validate"], "digit": [12.0], "pixels": [[0.5] * 783]}))
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE" and refused.value.get_http_status_code() == 400
+    assert refused.value.message == "expected digit labels in 0..9, got 12"
 
 
 # Bad input: each a one-line error naming what was expected
