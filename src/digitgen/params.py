@@ -22,6 +22,9 @@ MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
 LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
+# What trains the seeds of a configuration: local, one after another in the stage's process; processes,
+# `workers` at once in child processes on this machine; ray, one Ray task per seed on a Ray cluster
+EXECUTORS = ("local", "processes", "ray")
 # How a model draws latents when generating from a label: study, the digit-only path; fitted, a Gaussian
 # per digit fitted to training latents; prior, z ~ N(0, I) (the label CVAE's own way; the study's models
 # carry the digit in z, so for them the prior ignores the label)
@@ -101,6 +104,11 @@ class TrainParams:
     input_modes: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in INPUT_MODES})
     device: str = "auto"  # auto: CUDA when present, else CPU
     max_loss: float = 1000.0  # an epoch's mean training loss above this (or any NaN) stops training as diverged
+    executor: str = "local"
+    workers: int = 2  # seeds trained at once by the processes executor
+    # torch threads of each training; None: the machine's cores shared among the trainings at once (ray: 1).
+    # Weights are bit-identical run to run for a given thread count, whichever executor trains them.
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
@@ -114,6 +122,9 @@ class TrainParams:
                  "input_modes", "non-negative weights with a positive sum", self.input_modes)
         _require_device(self.device)
         _require(self.max_loss > 0, "max_loss", "a positive number", self.max_loss)
+        _require(self.executor in EXECUTORS, "executor", f"one of {', '.join(EXECUTORS)}", self.executor)
+        _require(self.workers > 0, "workers", "a positive integer", self.workers)
+        _require(self.threads is None or self.threads > 0, "threads", "a positive integer or null", self.threads)
 
 
 def _require_device(device: str) -> None:
