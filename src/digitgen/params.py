@@ -104,11 +104,6 @@ class TrainParams:
     input_modes: dict[str, float] = field(default_factory=lambda: {m: 1.0 for m in INPUT_MODES})
     device: str = "auto"  # auto: CUDA when present, else CPU
     max_loss: float = 1000.0  # an epoch's mean training loss above this (or any NaN) stops training as diverged
-    executor: str = "local"
-    workers: int = 2  # seeds trained at once by the processes executor
-    # torch threads of each training; None: the machine's cores shared among the trainings at once (ray: 1).
-    # Weights are bit-identical run to run for a given thread count, whichever executor trains them.
-    threads: int | None = None
 
     def __post_init__(self) -> None:
         _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
@@ -122,6 +117,19 @@ class TrainParams:
                  "input_modes", "non-negative weights with a positive sum", self.input_modes)
         _require_device(self.device)
         _require(self.max_loss > 0, "max_loss", "a positive number", self.max_loss)
+
+
+@dataclass(frozen=True)
+class ExecutionParams:
+    """How the train stages run their seeds: where, not what they learn. No stage lists this section in
+    dvc.yaml, so changing it retrains nothing: for a given thread count the weights are bit-identical
+    whichever executor trains them (as for today's default, the thread count is the machine's)."""
+
+    executor: str = "local"
+    workers: int = 2  # seeds trained at once by the processes executor
+    threads: int | None = None  # torch threads per training; None: the cores shared among those at once (ray: 1)
+
+    def __post_init__(self) -> None:
         _require(self.executor in EXECUTORS, "executor", f"one of {', '.join(EXECUTORS)}", self.executor)
         _require(self.workers > 0, "workers", "a positive integer", self.workers)
         _require(self.threads is None or self.threads > 0, "threads", "a positive integer or null", self.threads)
@@ -253,6 +261,7 @@ class Params:
     study: StudyParams = field(default_factory=StudyParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    execution: ExecutionParams = field(default_factory=ExecutionParams)
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     registry: RegistryParams = field(default_factory=RegistryParams)

@@ -72,8 +72,7 @@ def tracking_uri() -> str:
 def use_store(uri: str) -> None:
     """Point this process at the store `uri`: how a seed trained in another process or on another machine
     logs to the store its stage opened."""
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(uri)  # exports $MLFLOW_TRACKING_URI too, which tracking_uri() reads
 
 
 def store_on_this_machine(uri: str) -> bool:

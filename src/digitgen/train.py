@@ -18,7 +18,6 @@ import csv
 import ctypes
 import hashlib
 import io
-import ipaddress
 import json
 import math
 import multiprocessing
@@ -43,7 +42,8 @@ from tqdm import tqdm
 from digitgen import figures, files, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import LabelCVAE, Model, ModelConfig, build_model, save_model
-from digitgen.params import INPUT_MODES, LABEL_CVAE, DigitgenError, Params, TrainParams, config_name
+from digitgen.params import (INPUT_MODES, LABEL_CVAE, DigitgenError, ExecutionParams, Params, TrainParams,
+                             config_name)
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -233,7 +233,8 @@ def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -
 
 def _run_params(params: Params, config: ModelConfig, train_params: TrainParams) -> dict:
     return {"model": asdict(config), "train": {k: v for k, v in asdict(train_params).items() if k != "seeds"},
-            "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"}}
+            "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"},
+            "execution": asdict(params.execution)}  # what epoch_seconds were measured under
 
 
 def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
@@ -281,7 +282,8 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
         train_params = replace(train_params, seeds=seeds)
     name = config_name(kind, latent_dim)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    if train_params.executor != "ray":  # a device missing here fails now, not in a worker (Ray's nodes may have it)
+    execution = params.execution
+    if execution.executor != "ray":  # a device missing here fails now, not in a worker (Ray's nodes may have it)
         resolve_device(device or train_params.device)
 
     fingerprint = _fingerprint(config, train_params, prepared_dir)
@@ -304,7 +306,7 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
                           device or train_params.device, tracking.tracking_uri(), parent.experiment_id,
                           parent.run_id, run_params, tags) for seed in train_params.seeds]
         seed_runs = {}
-        for result in EXECUTE[train_params.executor](tasks, train, val):
+        for result in EXECUTE[execution.executor](tasks, train, val, execution):
             model = build_model(config)
             model.load_state_dict(result.weights)
             save_model(model, out_dir / f"seed{result.seed}.pt")
@@ -345,7 +347,6 @@ def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
 
     Every executor calls this; for a given thread count the weights are the same whichever runs it.
     """
-    tracking.use_store(task.tracking_uri)
     dev = resolve_device(task.device)
     saved = _read_checkpoint(task.checkpoint)
     torch.manual_seed(task.seed)
@@ -378,10 +379,11 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _train_locally(tasks: list[SeedTask], train: Digits, val: Digits) -> Iterator[SeedResult]:
+def _train_locally(tasks: list[SeedTask], train: Digits, val: Digits,
+                   execution: ExecutionParams) -> Iterator[SeedResult]:
     """Executor `local`: one seed after another in this process (the stage's signal handling covers them)."""
     for task in tasks:
-        with _torch_threads(task.params.threads):
+        with _torch_threads(execution.threads):
             yield train_seed(task, train, val)
 
 
@@ -390,18 +392,19 @@ def _seed_worker_started(threads: int) -> None:
 
 
 def _train_seed_in_worker(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
+    tracking.use_store(task.tracking_uri)
     with _stopped_by_signals(die_with_parent=True):  # Ctrl-C, SIGTERM, or the trainer gone: checkpoint kept, run KILLED
         return train_seed(task, train, val)
 
 
-def _train_in_processes(tasks: list[SeedTask], train: Digits, val: Digits) -> Iterator[SeedResult]:
-    """Executor `processes`: train.workers seeds at once, each in a child process of train.threads threads
+def _train_in_processes(tasks: list[SeedTask], train: Digits, val: Digits,
+                        execution: ExecutionParams) -> Iterator[SeedResult]:
+    """Executor `processes`: execution.workers seeds at once, each in a child process of execution.threads threads
     (None: the cores shared among them). Children are spawned (not forked: torch's and MLflow's threads
     do not survive a fork); when this process stops, by a signal or an error, each child gets SIGTERM, so it
     keeps its checkpoint and marks its run KILLED, and is waited for."""
-    params = tasks[0].params
-    workers = min(params.workers, len(tasks))
-    threads = params.threads or max(1, (os.cpu_count() or 1) // workers)
+    workers = min(execution.workers, len(tasks))
+    threads = execution.threads or max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_seed_worker_started, initargs=(threads,)) as pool:
         futures = [pool.submit(_train_seed_in_worker, task, train, val) for task in tasks]
@@ -420,8 +423,8 @@ def _require_ray():
     try:
         import ray
     except ImportError:
-        raise DigitgenError("train.executor is ray but Ray is not installed; install the extra (uv sync --frozen "
-                            "--extra ray) or set train.executor to local or processes") from None
+        raise DigitgenError("execution.executor is ray but Ray is not installed; install the extra (uv sync --frozen "
+                            "--extra ray) or set execution.executor to local or processes") from None
     return ray
 
 
@@ -431,25 +434,27 @@ def _ray_address_is_remote(address: str) -> bool:
         return False
     host = urllib.parse.urlparse(address if "://" in address else f"ray://{address}").hostname or ""
     try:
-        ip = ipaddress.ip_address(socket.gethostbyname(host))
+        with socket.socket() as probe:
+            probe.bind((socket.gethostbyname(host), 0))  # only an address of this machine can be bound
     except OSError:
         return True
-    return not (ip.is_loopback or str(ip) == socket.gethostbyname(socket.gethostname()))
+    return False
 
 
-def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits) -> Iterator[SeedResult]:
-    """Executor `ray`: one Ray task per seed (train.threads CPUs each, 1 when null) on the cluster at
+def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits,
+                  execution: ExecutionParams) -> Iterator[SeedResult]:
+    """Executor `ray`: one Ray task per seed (execution.threads CPUs each, 1 when null) on the cluster at
     $RAY_ADDRESS, or on a Ray started on this machine for the stage when it is unset. The data travels
     through Ray's object store and the weights come back here, so nodes need the project's environment
     but not its files. Checkpoints are written at the same path on the node that trains the seed: on a
     shared filesystem an interrupted stage resumes there, elsewhere a rerun retrains the unfinished seeds."""
-    ray = _require_ray()
     address = os.environ.get("RAY_ADDRESS", "")
     if _ray_address_is_remote(address) and tracking.store_on_this_machine(tasks[0].tracking_uri):
         raise DigitgenError(f"RAY_ADDRESS {address} is another machine, which cannot reach the MLflow store "
                             f"{tasks[0].tracking_uri}; set MLFLOW_TRACKING_URI to a tracking server every node "
                             "can reach (README: Scaling out)")
-    threads = tasks[0].params.threads or 1
+    ray = _require_ray()
+    threads = execution.threads or 1
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
     try:
         remote = ray.remote(_train_seed_with_threads).options(num_cpus=threads, max_retries=0)
@@ -473,6 +478,7 @@ def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits) -> Iterator
 
 
 def _train_seed_with_threads(task: SeedTask, train: Digits, val: Digits, threads: int) -> SeedResult:
+    tracking.use_store(task.tracking_uri)
     with _torch_threads(threads):
         return train_seed(task, train, val)
 
