@@ -19,7 +19,7 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, copy_from_repo, make_params, params_raw
+from conftest import copy_from_repo, make_params, params_raw
 from digitgen.data import MIRROR_ENV
 from digitgen.train import run_train
 
@@ -43,10 +43,12 @@ def start_server(tmp_path):
         server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", "1", "--backend-store-uri", backend_uri,
                                    "--artifacts-destination", (tmp_path / "artifacts").as_uri()],
-                                  stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+                                  stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+                                       "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # one process fewer
         servers.append((server, log))
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # seconds on an idle machine, minutes on a loaded one
         while time.monotonic() < deadline and server.poll() is None:
             try:
                 if requests.get(f"{url}/health", timeout=2).ok:
