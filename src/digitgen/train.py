@@ -471,7 +471,8 @@ def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits,
         except BaseException:
             for ref in pending:  # Ray raises KeyboardInterrupt in the task: checkpoint kept, run KILLED
                 ray.cancel(ref)
-            ray.wait(pending, num_returns=len(pending), timeout=60)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=60)
             raise
     finally:
         ray.shutdown()
