@@ -4,8 +4,8 @@
 
 On C cores (os.sched_getaffinity: pin with `taskset -c 0,1` to measure a 2-core machine), trains --seeds
 seeds for --epochs epochs in each layout: 1 process of C threads training the seeds one after another
-(train.executor: local), and P processes of C/P threads training them side by side (train.executor:
-processes, train.workers: P, for each P that divides C and the seeds). Data: data/prepared, else random
+(execution.executor: local), and P processes of C/P threads training them side by side (execution.executor:
+processes, execution.workers: P, for each P up to the seeds that divides C; 3 seeds on 2 processes: 2, then 1). Data: data/prepared, else random
 pixels of the params' sizes (pipelines/smoke/params.yaml: a smaller, quicker set). The clock starts when every process has loaded torch and the data (a
 stage pays that start-up once, not per epoch) and stops when the last seed's last epoch, validation
 included, ends. Prints seconds per epoch-equivalent (wall time / seed-epochs) and the speed-up.
@@ -88,7 +88,7 @@ def main() -> None:
     epochs = args.seeds * args.epochs
     print(f"{args.model}-{args.latent_dim}: {args.seeds} seeds x {args.epochs} epochs on {cores} cores")
     baseline = None
-    for processes in [p for p in range(1, cores + 1) if cores % p == 0 and args.seeds % p == 0]:
+    for processes in [p for p in range(1, min(cores, args.seeds) + 1) if cores % p == 0]:
         wall = layout_seconds(args, processes, cores)
         baseline = baseline or wall
         print(f"{processes} process(es) x {cores // processes} thread(s): {wall:7.1f} s, "
