@@ -38,6 +38,7 @@ def test_the_committed_params_are_valid():
         (lambda p: p["train"]["input_modes"].update(both=1), "train.input_modes must be keys among"),
         (lambda p: p["train"].update(batch_size=True), "train.batch_size must be an integer, got True"),
         (lambda p: p.pop("data"), "data is required but missing"),
+        (lambda p: p["execution"].update(executor="slurm"), "execution.executor must be one of local, processes, ray"),
     ],
 )
 def test_a_bad_value_names_the_key_and_what_is_allowed(tmp_path, edit, message):

@@ -15,7 +15,6 @@ from digitgen.cli import main
 from digitgen.serving import (DigitModel, InputError, ModelSourceError, generate_string,
                                predict_frame, read_png, request_frame, write_png)
 from digitgen.models import ModelConfig, UnsupportedTask, build_model
-from digitgen.params import DigitgenError
 
 KINDS = ("cae", "cvae")
 

@@ -22,6 +22,9 @@ MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
 LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
+# What trains the seeds of a configuration: local, one after another in the stage's process; processes,
+# `workers` at once in child processes on this machine; ray, one Ray task per seed on a Ray cluster
+EXECUTORS = ("local", "processes", "ray")
 # How a model draws latents when generating from a label: study, the digit-only path; fitted, a Gaussian
 # per digit fitted to training latents; prior, z ~ N(0, I) (the label CVAE's own way; the study's models
 # carry the digit in z, so for them the prior ignores the label)
@@ -114,6 +117,22 @@ class TrainParams:
                  "input_modes", "non-negative weights with a positive sum", self.input_modes)
         _require_device(self.device)
         _require(self.max_loss > 0, "max_loss", "a positive number", self.max_loss)
+
+
+@dataclass(frozen=True)
+class ExecutionParams:
+    """How the train stages run their seeds: where, not what they learn. No stage lists this section in
+    dvc.yaml, so changing it retrains nothing: for a given thread count the weights are bit-identical
+    whichever executor trains them (as for today's default, the thread count is the machine's)."""
+
+    executor: str = "local"
+    workers: int = 2  # seeds trained at once by the processes executor
+    threads: int | None = None  # torch threads per training; None: the cores shared among those at once (ray: 1)
+
+    def __post_init__(self) -> None:
+        _require(self.executor in EXECUTORS, "executor", f"one of {', '.join(EXECUTORS)}", self.executor)
+        _require(self.workers > 0, "workers", "a positive integer", self.workers)
+        _require(self.threads is None or self.threads > 0, "threads", "a positive integer or null", self.threads)
 
 
 def _require_device(device: str) -> None:
@@ -244,6 +263,7 @@ class Params:
     study: StudyParams = field(default_factory=StudyParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    execution: ExecutionParams = field(default_factory=ExecutionParams)
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     registry: RegistryParams = field(default_factory=RegistryParams)

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -82,6 +83,17 @@ def tracking_uri() -> str:
     store from ours: compare with default_tracking_uri() instead.)
     """
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def use_store(uri: str) -> None:
+    """Point this process at the store `uri`: how a seed trained in another process or on another machine
+    logs to the store its stage opened."""
+    mlflow.set_tracking_uri(uri)  # exports $MLFLOW_TRACKING_URI too, which tracking_uri() reads
+
+
+def store_on_this_machine(uri: str) -> bool:
+    """A store only this machine can reach: a local path, a file: or a sqlite: URI (not a tracking server)."""
+    return urllib.parse.urlparse(uri).scheme in ("", "file", "sqlite")
 
 
 def experiment_id(name: str) -> str:

@@ -20,15 +20,20 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
+import urllib.parse
 import zipfile
-from dataclasses import asdict, replace
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +43,8 @@ from tqdm import tqdm
 from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
-from digitgen.params import INPUT_MODES, LABEL_CVAE, DigitgenError, Params, TrainParams, config_name
+from digitgen.params import (INPUT_MODES, LABEL_CVAE, DigitgenError, ExecutionParams, Params, TrainParams,
+                             config_name)
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -164,17 +170,18 @@ def _raise_keyboard_interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def _stopped_by_signals():
+def _stopped_by_signals(die_with_parent: bool):
     """Ctrl-C, SIGTERM and SIGHUP (unless ignored, as under nohup) end training as KeyboardInterrupt.
 
-    Under DVC (Linux) the trainer also gets SIGTERM when its dvc process dies, so `kill <dvc pid>` never
-    leaves an orphaned trainer writing to the checkpoints.
+    With die_with_parent (Linux) the process also gets SIGTERM when its parent dies: the trainer under DVC,
+    so `kill <dvc pid>` never leaves an orphaned trainer writing to the checkpoints, and each seed worker
+    of the processes executor, so a trainer killed with -9 leaves none either.
     """
     previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
     for stop, handler in previous.items():
         if handler is not signal.SIG_IGN:
             signal.signal(stop, _raise_keyboard_interrupt)
-    with_parent = sys.platform == "linux" and bool(os.environ.get("DVC_STAGE"))
+    with_parent = sys.platform == "linux" and die_with_parent
     if with_parent:
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     try:
@@ -222,7 +229,8 @@ def _run_params(params: Params, config: ModelConfig, train_params: TrainParams, 
     unused = "hidden_dim" if config.kind == LABEL_CVAE else "hidden_dims"
     return {"model": {k: v for k, v in asdict(config).items() if k != unused},
             "train": {**{k: v for k, v in asdict(train_params).items() if k != "seeds"}, "device": str(device)},
-            "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"}}
+            "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"},
+            "execution": asdict(params.execution)}  # what epoch_seconds were measured under
 
 
 def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
@@ -234,7 +242,7 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
     The trainer owns checkpoint_dir while it runs (a second trainer stops at once, naming this one's
     PID) and stops on Ctrl-C, SIGTERM or SIGHUP keeping its last finished epoch.
     """
-    with files.folder_lock(Path(checkpoint_dir), "trainer"), _stopped_by_signals():
+    with files.folder_lock(Path(checkpoint_dir), "trainer"), _stopped_by_signals(bool(os.environ.get("DVC_STAGE"))):
         return _train_configuration(params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir,
                                     device, seeds)
 
@@ -270,7 +278,12 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
         train_params = replace(train_params, seeds=seeds)
     name = config_name(kind, latent_dim)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    dev = resolve_device(device or train_params.device)
+    execution = params.execution
+    # the device the seeds train on, as run params record it; a device missing here fails now, not in a worker.
+    # Ray's nodes resolve their own (they may have one this machine lacks): recorded as asked for.
+    dev = device or train_params.device
+    if execution.executor != "ray":
+        dev = resolve_device(dev)
 
     fingerprint = _fingerprint(config, train_params, prepared_dir)
     state_file = checkpoint_dir / "state.json"
@@ -290,30 +303,192 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
                              fingerprint[:16], ABSENT_TERMS[kind]) as parent:
         state["parent_run_id"] = parent.run_id
         files.write_atomic(state_file, json.dumps(state))
+        tasks = [SeedTask(config, train_params, seed, name, (checkpoint_dir / f"seed{seed}.pt").resolve(),
+                          device or train_params.device, tracking.tracking_uri(), parent.experiment_id,
+                          parent.run_id, run_params, tags, datasets, params.tracking.system_metrics)
+                 for seed in train_params.seeds]
         seed_runs = {}
-        for seed in train_params.seeds:
-            checkpoint = checkpoint_dir / f"seed{seed}.pt"
-            saved = _read_checkpoint(checkpoint)
-            torch.manual_seed(seed)
-            model = build_model(config).to(dev)
-            if saved is not None and saved["done"]:
-                model.load_state_dict(saved["model"])
-                history, run_id = saved["history"], saved["run_id"]
-            else:
-                with parent.seed_run(f"{name}/seed{seed}", seed, saved and saved["run_id"], run_params, tags, datasets,
-                                     params.tracking.system_metrics) as run:
-                    history = fit(model, train, val, train_params, seed, run, checkpoint, saved, dev,
-                                  f"{name} seed{seed}")
-                    _log_seed_artifacts(model, history, val, name, seed)
-                    run_id = run.run_id
-                saved = torch.load(checkpoint, weights_only=True)
-                files.save_torch({**saved, "done": True}, checkpoint)
-            save_model(model.cpu(), out_dir / f"seed{seed}.pt")
-            tracking.finish_seed_run(run_id, out_dir / f"seed{seed}.pt")
-            write_history(history, history_dir / f"seed{seed}.csv")
-            seed_runs[str(seed)] = run_id
+        for result in EXECUTE[execution.executor](tasks, train, val, execution):
+            model = build_model(config)
+            model.load_state_dict(result.weights)
+            save_model(model, out_dir / f"seed{result.seed}.pt")
+            tracking.finish_seed_run(result.run_id, out_dir / f"seed{result.seed}.pt")
+            write_history(result.history, history_dir / f"seed{result.seed}.csv")
+            seed_runs[str(result.seed)] = result.run_id
     shutil.rmtree(checkpoint_dir)
-    return {"parent_run_id": state["parent_run_id"], "seed_run_ids": seed_runs}
+    return {"parent_run_id": state["parent_run_id"], "seed_run_ids": dict(sorted(seed_runs.items()))}
+
+
+@dataclass(frozen=True)
+class SeedTask:
+    """One seed of one configuration: all a process on any machine needs, besides the data, to train it."""
+
+    config: ModelConfig
+    params: TrainParams
+    seed: int
+    name: str  # the configuration's: cae-16
+    checkpoint: Path
+    device: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str  # the seed's run is nested under its configuration's
+    run_params: dict
+    tags: dict[str, str]
+    datasets: dict[str, Path]  # {context: prepared split file}, the seed run's inputs
+    system_metrics: bool
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    seed: int
+    weights: dict[str, torch.Tensor]  # on the CPU
+    history: list[dict[str, float]]
+    run_id: str
+
+
+def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
+    """Train one seed, resuming its checkpoint, logged to its own MLflow run under the configuration's.
+
+    Every executor calls this; for a given thread count the weights are the same whichever runs it.
+    """
+    dev = resolve_device(task.device)
+    saved = _read_checkpoint(task.checkpoint)
+    torch.manual_seed(task.seed)
+    model = build_model(task.config).to(dev)
+    if saved is not None and saved["done"]:
+        model.load_state_dict(saved["model"])
+        history, run_id = saved["history"], saved["run_id"]
+    else:
+        parent = tracking.ConfigRun(task.parent_run_id, task.experiment_id, ABSENT_TERMS[task.config.kind])
+        with parent.seed_run(f"{task.name}/seed{task.seed}", task.seed, saved and saved["run_id"], task.run_params,
+                             task.tags, task.datasets, task.system_metrics) as run:
+            history = fit(model, train, val, task.params, task.seed, run, task.checkpoint, saved, dev,
+                          f"{task.name} seed{task.seed}")
+            _log_seed_artifacts(model, history, val, task.name, task.seed)
+            run_id = run.run_id
+        saved = torch.load(task.checkpoint, weights_only=True)
+        files.save_torch({**saved, "done": True}, task.checkpoint)
+    return SeedResult(task.seed, {k: v.cpu() for k, v in model.state_dict().items()}, history, run_id)
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None):
+    """torch's intra-op threads set to `threads` (None: left as they are) for the with block."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_locally(tasks: list[SeedTask], train: Digits, val: Digits,
+                   execution: ExecutionParams) -> Iterator[SeedResult]:
+    """Executor `local`: one seed after another in this process (the stage's signal handling covers them)."""
+    for task in tasks:
+        with _torch_threads(execution.threads):
+            yield train_seed(task, train, val)
+
+
+def _seed_worker_started(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _train_seed_in_worker(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
+    tracking.use_store(task.tracking_uri)
+    with _stopped_by_signals(die_with_parent=True):  # Ctrl-C, SIGTERM, or the trainer gone: checkpoint kept, run KILLED
+        return train_seed(task, train, val)
+
+
+def _train_in_processes(tasks: list[SeedTask], train: Digits, val: Digits,
+                        execution: ExecutionParams) -> Iterator[SeedResult]:
+    """Executor `processes`: execution.workers seeds at once, each in a child process of execution.threads threads
+    (None: the cores shared among them). Children are spawned (not forked: torch's and MLflow's threads
+    do not survive a fork); when this process stops, by a signal or an error, each child gets SIGTERM, so it
+    keeps its checkpoint and marks its run KILLED, and is waited for."""
+    workers = min(execution.workers, len(tasks))
+    threads = execution.threads or max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_seed_worker_started, initargs=(threads,)) as pool:
+        futures = [pool.submit(_train_seed_in_worker, task, train, val) for task in tasks]
+        try:
+            for done in as_completed(futures):
+                yield done.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            for child in multiprocessing.active_children():  # the pool's workers, the only children we start
+                os.kill(child.pid, signal.SIGTERM)
+            raise
+
+
+def _require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise DigitgenError("execution.executor is ray but Ray is not installed; install the extra (uv sync --frozen "
+                            "--extra ray) or set execution.executor to local or processes") from None
+    return ray
+
+
+def _ray_address_is_remote(address: str) -> bool:
+    """Whether RAY_ADDRESS (host:port, ray://host:port or auto) names a cluster on another machine."""
+    if address in ("", "auto", "local"):
+        return False
+    host = urllib.parse.urlparse(address if "://" in address else f"ray://{address}").hostname or ""
+    try:
+        with socket.socket() as probe:
+            probe.bind((socket.gethostbyname(host), 0))  # only an address of this machine can be bound
+    except OSError:
+        return True
+    return False
+
+
+def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits,
+                  execution: ExecutionParams) -> Iterator[SeedResult]:
+    """Executor `ray`: one Ray task per seed (execution.threads CPUs each, 1 when null) on the cluster at
+    $RAY_ADDRESS, or on a Ray started on this machine for the stage when it is unset. The data travels
+    through Ray's object store and the weights come back here, so nodes need the project's environment
+    but not its files. Checkpoints are written at the same path on the node that trains the seed: on a
+    shared filesystem an interrupted stage resumes there, elsewhere a rerun retrains the unfinished seeds."""
+    address = os.environ.get("RAY_ADDRESS", "")
+    if _ray_address_is_remote(address) and tracking.store_on_this_machine(tasks[0].tracking_uri):
+        raise DigitgenError(f"RAY_ADDRESS {address} is another machine, which cannot reach the MLflow store "
+                            f"{tasks[0].tracking_uri}; set MLFLOW_TRACKING_URI to a tracking server every node "
+                            "can reach (README: Scaling out)")
+    ray = _require_ray()
+    threads = execution.threads or 1
+    ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
+    try:
+        remote = ray.remote(_train_seed_with_threads).options(num_cpus=threads, max_retries=0)
+        data = ray.put(train), ray.put(val)
+        pending = [remote.remote(task, *data, threads) for task in tasks]
+        try:
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                try:
+                    result = ray.get(done[0])
+                except ray.exceptions.RayTaskError as err:  # the task's own error (divergence, the store...)
+                    raise err.cause from None
+                yield result
+        except BaseException:
+            for ref in pending:  # Ray raises KeyboardInterrupt in the task: checkpoint kept, run KILLED
+                ray.cancel(ref)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=60)
+            raise
+    finally:
+        ray.shutdown()
+
+
+def _train_seed_with_threads(task: SeedTask, train: Digits, val: Digits, threads: int) -> SeedResult:
+    tracking.use_store(task.tracking_uri)
+    with _torch_threads(threads):
+        return train_seed(task, train, val)
+
+
+EXECUTE = {"local": _train_locally, "processes": _train_in_processes, "ray": _train_on_ray}  # params.EXECUTORS
 
 
 @torch.no_grad()
