@@ -63,6 +63,14 @@ def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(trained
     assert set(reference["skipped"]) == set(INCEPTION_METRICS)
     assert all("no Inception weights" in why for why in reference["skipped"].values())
     assert any(p.name.startswith(real_set(mnist_subset["test"], "test").cache_name) for p in (tmp_path / "cache").iterdir())
+    points = reference["points"]
+    assert points["held_out_real"]["fid"] == pytest.approx(reference["fid"], rel=0.2)  # the first n_generated of them
+    for metric, direction in (("fid", 1), ("fid_per_digit", 1), ("precision", -1), ("gen_accuracy", -1)):
+        ranked = [direction * points[p][metric] for p in ("held_out_real", "blurred_real", "uniform_noise")]
+        assert ranked == sorted(ranked), metric  # real beats blurred beats noise, whichever way the metric points
+    assert points["digit_means"]["distinct_fraction"] == pytest.approx(10 / make_params().evaluate.n_generated)
+    assert points["uniform_noise"]["recall"] < 0.05 < 0.5 < points["held_out_real"]["recall"]
+    assert points["held_out_real"]["kid"] < min(points[p]["kid"] for p in ("blurred_real", "uniform_noise"))
 
 
 def test_configured_inception_weights_that_are_missing_stop_with_the_key(trained_classifier, tmp_path):

@@ -4,7 +4,10 @@ Reads every configuration's per-seed metrics (results/evaluation/<config>.json, 
 evaluate stage) and writes, under results/:
   metrics.json            the headline DVC compares: mean and std over seeds of Table 1's five metrics
   summary.json            mean, std (over seeds, ddof=1) and n of every metric (the CI gate reads it)
-  table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference
+  table.md / table.csv    Table 1's layout, best of each column marked, the paper's values and our difference;
+                          the models beyond the study in a block of their own below the study's
+  fidelity.md / .csv      Table 1's companion: FID, KID, precision, recall, FID per digit and distinct fraction
+                          of every configuration, with the reference points (results/reference.json) beside them
   curves/<config>.csv     validation BCE and label accuracy per epoch, mean over seeds (dvc.yaml's top-level
                           plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
@@ -26,7 +29,7 @@ from digitgen.evaluate import METRICS, write_json
 from digitgen.files import write_atomic
 from digitgen.generate import ModelSourceError
 from digitgen.models import load_model
-from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError
+from digitgen.params import BEYOND_KINDS, LABEL_CVAE, DigitgenError, Params, ParamsError
 from digitgen.train import config_name, read_history
 
 # Table 1's five columns, in the study's order and words
@@ -39,7 +42,25 @@ TABLE_COLUMNS = {
 }
 
 # the study's Figures 3-6 show CVAE (left) and CAE (right) side by side; the label CVAE's curves stand alone
-LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE]
+LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE, *BEYOND_KINDS]
+BEYOND_BLOCK = "*beyond the study*"  # the heading row of Table 1's block of models beyond the study
+
+# Table 1's companion: how far generated images sit from real ones, beside the reference points
+FIDELITY_COLUMNS = {
+    "fid": "FID",
+    "kid": "KID",
+    "precision": "Precision",
+    "recall": "Recall",
+    "fid_per_digit": "FID per digit (mean)",
+    "distinct_fraction": "Distinct fraction",
+    "gen_accuracy": "Generated Images Accuracy",
+}
+REFERENCE_POINTS = {  # results/reference.json's points, as the companion table names them
+    "held_out_real": "reference: held-out real images",
+    "blurred_real": "reference: blurred real images",
+    "digit_means": "reference: the ten per-digit means",
+    "uniform_noise": "reference: uniform noise",
+}
 
 
 def display_name(config: str) -> str:
@@ -53,9 +74,15 @@ def study_configurations(params: Params) -> list[str]:
     return [config_name(kind, d) for d in params.study.latent_dims for kind in params.study.models]
 
 
+def beyond_configurations(params: Params) -> list[str]:
+    """The rows beyond the study, by latent size: PCVAE (16), PCVAE (32)."""
+    return [config_name(kind, d) for d in params.beyond.latent_dims for kind in params.beyond.models]
+
+
 def configurations(params: Params) -> list[str]:
-    """The study's rows, then the label-conditioned CVAE's as an extra row."""
-    return study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
+    """The study's rows, the label-conditioned CVAE's as an extra row, then the models beyond the study."""
+    return (study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
+            + beyond_configurations(params))
 
 
 def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -166,6 +193,29 @@ def table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFrame:
     return frame
 
 
+def with_beyond_block(frame: pd.DataFrame, beyond_rows: list[str]) -> pd.DataFrame:
+    """Table 1 for reading: a heading row above the models beyond the study."""
+    study = frame.drop(index=beyond_rows)
+    heading = pd.DataFrame({column: [""] for column in frame.columns}, index=[BEYOND_BLOCK])
+    return pd.concat([study, heading, frame.loc[beyond_rows]]).rename_axis(frame.index.name)
+
+
+def fidelity_table(summary: dict[str, dict[str, dict[str, float]]], points: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Every configuration's FIDELITY_COLUMNS (mean ± std; n/a where not computed), then the reference points."""
+    def cell(metric: str, mean: float, std: float | None) -> str:
+        scale = 1000 if metric == "kid" else 1
+        return f"{mean * scale:.4g}" + ("" if std is None else f" ± {std * scale:.2g}")
+
+    rows = {display_name(config): {label: cell(m, metrics[m]["mean"], metrics[m]["std"]) if m in metrics else "n/a"
+                                   for m, label in FIDELITY_COLUMNS.items()}
+            for config, metrics in summary.items()}
+    rows.update({name: {label: cell(m, points[point][m], None) for m, label in FIDELITY_COLUMNS.items()}
+                 for point, name in REFERENCE_POINTS.items()})
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "Model"
+    return frame
+
+
 def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, test_images: torch.Tensor,
                   test_labels: torch.Tensor, out_dir: Path, seed: int) -> list[Path]:
     """The study's appendix figures: loss curves per latent size, reconstructions and generations per model."""
@@ -188,7 +238,7 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
 
 
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
-                  out_dir: Path) -> pd.DataFrame:
+                  reference_path: Path, out_dir: Path) -> pd.DataFrame:
     configs = configurations(params)
     evaluations = load_evaluations(eval_dir, configs)
     summary = summarize(evaluations)
@@ -201,16 +251,26 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     frame = table(summary)
     write_atomic(out_dir / "table.csv", frame.to_csv())
     write_atomic(out_dir / "table.md",
-        f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in bold; "
-        "paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± std "
-        "bands do not overlap).\n\n" + frame.to_markdown() + "\n")
+        f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}; beyond the study: "
+        f"{', '.join(map(str, params.beyond.train.seeds))}); best of each column in bold; paper values from the "
+        "study's Table 1; † marks a difference beyond the spread (the two mean ± std bands do not overlap).\n\n"
+        + with_beyond_block(frame, [display_name(c) for c in beyond_configurations(params)]).to_markdown() + "\n")
+    fidelity = fidelity_table(summary, json.loads(Path(reference_path).read_text())["points"])
+    write_atomic(out_dir / "fidelity.csv", fidelity.to_csv())
+    write_atomic(out_dir / "fidelity.md",
+        "Table 1's companion: generated images against the test images in the classifier's feature space, mean ± "
+        "std over seeds; KID is the unbiased MMD estimate (×1000), precision/recall torch-fidelity's k-NN (k = "
+        f"{params.evaluate.prc_neighborhood}); the reference points are scored the same way (one run each).\n\n"
+        + fidelity.to_markdown() + "\n")
     test = load_split(prepared_dir, "test")
     written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
                             out_dir / "figures", params.train.seeds[0])
     tracking.log_summary(params.tracking.experiment, frame,
-                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", *written])
-    # the champion serves every condition, so it is chosen among the study's joint models
-    config, seed = champion_seed(summary, evaluations, study_configurations(params), params.registry.champion_metric)
+                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv",
+                          out_dir / "fidelity.md", out_dir / "fidelity.csv", *written])
+    # the champion serves every condition, so it is chosen among the joint models: the study's and those beyond it
+    config, seed = champion_seed(summary, evaluations, study_configurations(params) + beyond_configurations(params),
+                                 params.registry.champion_metric)
     run_id = tracking.seed_run_for(params.tracking.experiment, config, seed, Path(models_dir) / config / f"seed{seed}.pt")
     try:
         version = tracking.register_champion(run_id, params.registry.model_name)
