@@ -175,6 +175,7 @@ class Judge:
                 kwargs = {"input2": replace(reference, channels=extractor.channels),
                           "input2_cache_name": reference.cache_name,
                           "kid_subset_size": min(self.params.kid_subset_size, len(images), len(reference)),
+                          "kid_subsets": self.params.kid_subsets,
                           "prc_neighborhood": self.params.prc_neighborhood, "prc_batch_size": self.params.batch_size}
             got = torch_fidelity.calculate_metrics(
                 input1=replace(images, channels=extractor.channels), input1_cache_name=images.cache_name,
