@@ -9,9 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from digitgen import figures
-from digitgen.aggregate import (TABLE_COLUMNS, best_configs, champion_decision, champion_seed, configurations,
-                                display_table, headline, load_evaluations, log_parent_runs, mean_curves,
-                                numeric_table, study_configurations, summarize, update_champion, write_figures)
+from digitgen.aggregate import (BEYOND_BLOCK, REFERENCE_POINTS, TABLE_COLUMNS, best_configs, champion_decision,
+                                champion_seed, configurations, display_table, fidelity_table, headline,
+                                load_evaluations, log_parent_runs, mean_curves, numeric_table, study_configurations,
+                                summarize, update_champion, with_beyond_block, write_figures)
 from digitgen.params import DigitgenError, ParamsError
 
 from conftest import make_params
@@ -96,10 +97,29 @@ def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
         load_evaluations(tmp_path, ["cae-8", "cvae-8"])
 
 
-def test_rows_follow_the_studys_order_then_the_label_cvae():
-    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]}, label_cvae={"latent_dim": 2})
+def test_rows_follow_the_studys_order_then_the_label_cvae_then_beyond_the_study():
+    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]}, label_cvae={"latent_dim": 2},
+                         beyond={"latent_dims": [16, 32]})
     assert study_configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
-    assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16", "label_cvae-2"]
+    assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16", "label_cvae-2", "pcvae-16", "pcvae-32"]
+
+
+def test_the_models_beyond_the_study_form_their_own_block_below_the_studys():
+    frame = display_table(summarize({**SEEDS, "pcvae-16": SEEDS["cvae-8"]}))
+    shown = with_beyond_block(frame, ["PCVAE (16)"])
+    assert list(shown.index) == ["CAE (8)", "CVAE (8)", BEYOND_BLOCK, "PCVAE (16)"]
+    assert (shown.loc[BEYOND_BLOCK] == "").all() and shown.loc["PCVAE (16)"].equals(frame.loc["PCVAE (16)"])
+
+
+def test_the_companion_table_puts_kid_precision_recall_beside_the_reference_points():
+    fidelity = {"kid": 0.002, "precision": 0.9, "recall": 0.8, "fid_per_digit": 40.0, "distinct_fraction": 1.0}
+    seeds = {config: {seed: {**values, **fidelity} for seed, values in runs.items()} for config, runs in SEEDS.items()}
+    points = {point: {**SEEDS["cae-8"]["0"], **fidelity, "fid": 1.5} for point in REFERENCE_POINTS}
+    frame = fidelity_table(summarize({**seeds, "label_cvae-2": SEEDS["cae-8"]}), points)
+    assert frame.at["CVAE (8)", "FID"] == "11 ± 1.4" and frame.at["CVAE (8)", "KID"] == "2 ± 0"  # KID x 1000
+    assert frame.at["LABEL-CVAE (2)", "Precision"] == "n/a"  # evaluated before the metric existed
+    assert frame.at["reference: held-out real images", "FID"] == "1.5"
+    assert list(frame.index[-len(REFERENCE_POINTS):]) == list(REFERENCE_POINTS.values())
 
 
 def test_a_metric_a_model_cannot_have_is_na_and_never_best():

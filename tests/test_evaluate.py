@@ -64,6 +64,15 @@ def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(trained
     assert set(reference["skipped"]) == set(INCEPTION_METRICS)
     assert all("no Inception weights" in why for why in reference["skipped"].values())
     assert any(p.name.startswith(real_set(mnist_subset["test"], "test").cache_name) for p in (tmp_path / "cache").iterdir())
+    points = reference["points"]
+    assert points["held_out_real"]["fid"] == pytest.approx(reference["fid"], rel=0.2)  # the first n_generated of them
+    for metric in ("fid", "fid_per_digit"):  # real beats blurred beats noise (at this size the other metrics may tie)
+        ranked = [points[p][metric] for p in ("held_out_real", "blurred_real", "uniform_noise")]
+        assert ranked == sorted(ranked), metric
+    assert points["uniform_noise"]["gen_accuracy"] < 0.3 < points["held_out_real"]["gen_accuracy"]
+    assert points["digit_means"]["distinct_fraction"] == pytest.approx(10 / make_params().evaluate.n_generated)
+    assert points["uniform_noise"]["recall"] < 0.05 < 0.5 < points["held_out_real"]["recall"]
+    assert points["held_out_real"]["kid"] < min(points[p]["kid"] for p in ("blurred_real", "uniform_noise"))
 
 
 def test_configured_inception_weights_that_are_missing_stop_with_the_key(trained_classifier, tmp_path):
@@ -155,9 +164,8 @@ def test_evaluation_is_seeded_from_params(evaluated, trained_classifier, mnist_s
     params = make_params(evaluate={"sampler": "fitted"}).evaluate
     judge = Judge.load(trained_classifier, params, tmp_path / "cache")
     model = load_model(evaluated["root"] / "models" / "seed1.pt")
-    test_set = real_set(mnist_subset["test"], "test")
-    first, images = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"], test_set)
-    again, images_again = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"], test_set)
+    first, images = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"])
+    again, images_again = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"])
     assert first == again and torch.equal(images, images_again)
 
 

@@ -4,8 +4,11 @@ Reads every configuration's per-seed metrics (results/evaluation/<config>.json, 
 evaluate stage) and writes, under results/:
   metrics.json            the headline DVC compares: mean and std over seeds of Table 1's five metrics
   summary.json            mean, std (over seeds, ddof=1) and n of every metric (the CI gate reads it)
-  table.md                Table 1's layout (mean ± std), best of each column in bold, the paper's values and our difference
+  table.md                Table 1's layout (mean ± std), best of each column in bold, the paper's values and our
+                          difference; the models beyond the study in a block of their own below the study's
   table.csv               the same as plain numbers: mean, std, paper mean, paper std, ours - paper per metric
+  fidelity.md / .csv      Table 1's companion: FID, KID, precision, recall, FID per digit and distinct fraction
+                          of every configuration, with the reference points (results/reference.json) beside them
   curves/<config>.csv     validation BCE and label accuracy per epoch, mean over seeds (dvc.yaml's top-level
                           plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
@@ -29,7 +32,7 @@ from digitgen.data import load_split
 from digitgen.evaluate import METRICS
 from digitgen.files import write_atomic, write_json
 from digitgen.models import ABSENT_TERMS, load_model
-from digitgen.params import LABEL_CVAE, DigitgenError, Params, ParamsError, config_name
+from digitgen.params import BEYOND_KINDS, LABEL_CVAE, DigitgenError, Params, ParamsError, config_name
 from digitgen.train import TIMINGS, read_history
 
 # Table 1's five columns, in the study's order and words
@@ -42,7 +45,25 @@ TABLE_COLUMNS = {
 }
 
 # the study's Figures 3-6 show CVAE (left) and CAE (right) side by side; the label CVAE's curves stand alone
-LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE]
+LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE, *BEYOND_KINDS]
+BEYOND_BLOCK = "*beyond the study*"  # the heading row of Table 1's block of models beyond the study
+
+# Table 1's companion: how far generated images sit from real ones, beside the reference points
+FIDELITY_COLUMNS = {
+    "fid": "FID",
+    "kid": "KID",
+    "precision": "Precision",
+    "recall": "Recall",
+    "fid_per_digit": "FID per digit (mean)",
+    "distinct_fraction": "Distinct fraction",
+    "gen_accuracy": "Generated Images Accuracy",
+}
+REFERENCE_POINTS = {  # results/reference.json's points, as the companion table names them
+    "held_out_real": "reference: held-out real images",
+    "blurred_real": "reference: blurred real images",
+    "digit_means": "reference: the ten per-digit means",
+    "uniform_noise": "reference: uniform noise",
+}
 
 
 def display_name(config: str) -> str:
@@ -56,9 +77,15 @@ def study_configurations(params: Params) -> list[str]:
     return [config_name(kind, d) for d in params.study.latent_dims for kind in params.study.models]
 
 
+def beyond_configurations(params: Params) -> list[str]:
+    """The rows beyond the study, by latent size: PCVAE (16), PCVAE (32)."""
+    return [config_name(kind, d) for d in params.beyond.latent_dims for kind in params.beyond.models]
+
+
 def configurations(params: Params) -> list[str]:
-    """The study's rows, then the label-conditioned CVAE's as an extra row."""
-    return study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
+    """The study's rows, the label-conditioned CVAE's as an extra row, then the models beyond the study."""
+    return (study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
+            + beyond_configurations(params))
 
 
 def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -189,6 +216,29 @@ def numeric_table(summary: dict[str, dict[str, dict[str, float]]]) -> pd.DataFra
     return frame
 
 
+def with_beyond_block(frame: pd.DataFrame, beyond_rows: list[str]) -> pd.DataFrame:
+    """Table 1 for reading: a heading row above the models beyond the study."""
+    study = frame.drop(index=beyond_rows)
+    heading = pd.DataFrame({column: [""] for column in frame.columns}, index=[BEYOND_BLOCK])
+    return pd.concat([study, heading, frame.loc[beyond_rows]]).rename_axis(frame.index.name)
+
+
+def fidelity_table(summary: dict[str, dict[str, dict[str, float]]], points: dict[str, dict[str, float]]) -> pd.DataFrame:
+    """Every configuration's FIDELITY_COLUMNS (mean ± std; n/a where not computed), then the reference points."""
+    def cell(metric: str, mean: float, std: float | None) -> str:
+        scale = 1000 if metric == "kid" else 1
+        return f"{mean * scale:.4g}" + ("" if std is None else f" ± {std * scale:.2g}")
+
+    rows = {display_name(config): {label: cell(m, metrics[m]["mean"], metrics[m]["std"]) if m in metrics else "n/a"
+                                   for m, label in FIDELITY_COLUMNS.items()}
+            for config, metrics in summary.items()}
+    rows.update({name: {label: cell(m, points[point][m], None) for m, label in FIDELITY_COLUMNS.items()}
+                 for point, name in REFERENCE_POINTS.items()})
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    frame.index.name = "Model"
+    return frame
+
+
 def final_losses(config: str, histories_dir: Path) -> dict[str, dict[str, float]]:
     """{history column: {mean, std}} of the last epoch over the configuration's seeds, without the loss terms
     the model does not have and without timings."""
@@ -313,7 +363,7 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
 
 
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
-                  out_dir: Path) -> pd.DataFrame:
+                  reference_path: Path, out_dir: Path) -> pd.DataFrame:
     configs = configurations(params)
     evaluations = load_evaluations(eval_dir, configs)
     summary = summarize(evaluations)
@@ -325,10 +375,19 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
         write_atomic(out_dir / "curves" / f"{config}.csv", frame.to_csv(float_format="%.6g"))
     frame, numbers = display_table(summary), numeric_table(summary)
     write_atomic(out_dir / "table.csv", numbers.to_csv(float_format="%.6g"))
-    markdown = (f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}); best of each column in "
-                "bold; paper values from the study's Table 1; † marks a difference beyond the spread (the two mean ± "
-                "std bands do not overlap).\n\n" + frame.to_markdown() + "\n")
+    markdown = (f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}; beyond the study: "
+                f"{', '.join(map(str, params.beyond.train.seeds))}); best of each column in bold; paper values from "
+                "the study's Table 1; † marks a difference beyond the spread (the two mean ± std bands do not "
+                "overlap).\n\n"
+                + with_beyond_block(frame, [display_name(c) for c in beyond_configurations(params)]).to_markdown() + "\n")
     write_atomic(out_dir / "table.md", markdown)
+    fidelity = fidelity_table(summary, json.loads(Path(reference_path).read_text())["points"])
+    write_atomic(out_dir / "fidelity.csv", fidelity.to_csv())
+    write_atomic(out_dir / "fidelity.md",
+        "Table 1's companion: generated images against the test images in the classifier's feature space, mean ± "
+        "std over seeds; KID is the unbiased MMD estimate (×1000), precision/recall torch-fidelity's k-NN (k = "
+        f"{params.evaluate.prc_neighborhood}); the reference points are scored the same way (one run each).\n\n"
+        + fidelity.to_markdown() + "\n")
     test = load_split(prepared_dir, "test")
     written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
                             out_dir / "figures", params.train.seeds[0])
@@ -336,9 +395,10 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     if missing:
         print(f"no parent run in this MLflow store for {', '.join(missing)} (restored from DVC's run-cache, or "
               f"pulled): their means are in results/ only; `dvc repro -f train@<config>` logs them", file=sys.stderr)
-    # the champion serves every condition, so it is chosen among the study's joint models
+    # the champion serves every condition, so it is chosen among the joint models: the study's and those beyond it
     metric = params.registry.champion_metric
-    config, seed = champion_seed(summary, evaluations, study_configurations(params), metric)
+    config, seed = champion_seed(summary, evaluations, study_configurations(params) + beyond_configurations(params),
+                                 metric)
     model_file = Path(models_dir) / config / f"seed{seed}.pt"
     try:
         decision = update_champion(params, config, seed, evaluations[config][seed], model_file)
@@ -351,5 +411,6 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
         print(f"champion by {metric}: {config} seed{seed} -> models:/{params.registry.model_name} version "
               f"{decision['version']}; {decision['decision']}")
     tracking.log_summary(params.tracking.experiment, numbers, markdown,
-                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", *written], decision)
+                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", out_dir / "fidelity.md",
+                          out_dir / "fidelity.csv", *written], decision)
     return frame

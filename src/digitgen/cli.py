@@ -9,7 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from digitgen.params import LABEL_CVAE, MODEL_KINDS, DigitgenError, config_name, load_params, override
+from digitgen.params import (BEYOND_KINDS, LABEL_CVAE, MODEL_KINDS, DigitgenError, config_name, load_params, override,
+                             train_section)
 
 
 def _download(args, params) -> None:
@@ -29,8 +30,9 @@ def _train(args, params) -> None:
     from digitgen.files import folder_lock
 
     _check_configuration(args, params)
-    train_params, section = ((params.label_cvae.train, "label_cvae.train") if args.model == LABEL_CVAE
-                             else (params.train, "train"))
+    section = train_section(args.model)
+    train_params = {"train": params.train, "label_cvae.train": params.label_cvae.train,
+                    "beyond.train": params.beyond.train}[section]
     if args.seeds is not None:
         override(train_params, section, "--seeds", seeds=args.seeds)
     if args.device is not None:
@@ -108,7 +110,8 @@ def _evaluate(args, params) -> None:
 def _aggregate(args, params) -> None:
     from digitgen.aggregate import run_aggregate
 
-    print(run_aggregate(params, args.evaluation, args.histories, args.models, args.data, args.out).to_markdown())
+    print(run_aggregate(params, args.evaluation, args.histories, args.models, args.data, args.reference,
+                        args.out).to_markdown())
 
 
 def _check_regression(args, params) -> int:
@@ -118,9 +121,12 @@ def _check_regression(args, params) -> int:
 
 
 def _check_configuration(args, params) -> None:
-    """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim)."""
+    """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim,
+    beyond.latent_dims)."""
     if args.model == LABEL_CVAE:
         override(params.label_cvae, "label_cvae", "--latent-dim", latent_dim=args.latent_dim)
+    elif args.model in BEYOND_KINDS:
+        override(params.beyond, "beyond", "--latent-dim", latent_dims=[args.latent_dim])
     else:
         override(params.study, "study", "--latent-dim", latent_dims=[args.latent_dim])
 
@@ -177,9 +183,10 @@ def _model_argument(p: argparse.ArgumentParser) -> None:
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
-    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE], help="the model kind")
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE, *BEYOND_KINDS], help="the model kind")
     p.add_argument("--latent-dim", type=int, required=True,
-                   help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim)")
+                   help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; "
+                        "beyond the study: beyond.latent_dims)")
 
 
 def _judge_arguments(p: argparse.ArgumentParser) -> None:
@@ -272,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
     p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
     p.add_argument("--data", **prepared)
+    p.add_argument("--reference", type=Path, default=Path("results/reference.json"),
+                   help="the reference stage's points, for the companion table")
     p.add_argument("--out", type=Path, default=Path("results"), help="where the results go")
 
     # Maintenance and CI

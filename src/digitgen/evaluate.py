@@ -11,6 +11,13 @@ For each seed's model (stage `evaluate`, one configuration per run):
 FID and IS go through torch-fidelity with the classifier registered as its feature extractor; with
 Inception weights at hand they are also computed in Inception's space (fid_inception, ...).
 
+Beside them, for every model, how far the generated images sit from real ones (all against the test images,
+in the classifier's feature space): kid (torch-fidelity's Kernel Inception Distance, unbiased, so it
+does not lean on the sample size as FID does), precision and recall (torch-fidelity's prc: the share of
+generated images inside the real images' k-nearest-neighbour balls, and of real images inside the
+generated ones': quality and coverage apart), fid_per_digit (the mean over digits of the FID between
+one digit's generated and test images, fid_digit<d> each: whether each digit looks like itself).
+
 Generated images are quantised to uint8, as a saved PNG would be, and every metric sees all of them:
 a CAE generating the study's way (the digit-only path) draws one image per digit, and FID (the
 generated covariance collapses) and distinct_fraction show that, where IS, which only asks whether
@@ -18,7 +25,10 @@ each image is a confident, class-balanced digit, cannot.
 
 Stage `reference` computes the same numbers once for real digits: the test images taken as a
 "generator" (gen_accuracy is then the classifier's test accuracy, IS the ceiling near 10) and FID of
-the validation images against the test images (the real-data floor).
+the validation images against the test images (the real-data floor); and, under "points", the whole
+set of generation metrics for reference "generators" that place a model's numbers: held-out real
+images (the validation set: the floor), the same blurred (evaluate.reference_blur_sigma), the ten
+per-digit mean training images (one image per digit, as the study's CAE draws) and uniform noise.
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ import torch.nn.functional as F
 import torch_fidelity
 from torch.utils.data import Dataset
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from digitgen import classifier, figures, tracking
@@ -55,10 +66,18 @@ METRICS = {
     "reconstruction_error": "lower",
     "reconstruction_error_image_only": "lower",
     "distinct_fraction": "higher",  # distinct generated images / all: what IS cannot see
+    "kid": "lower",
+    "precision": "higher",
+    "recall": "higher",
+    "fid_per_digit": "lower",  # the mean of fid_digit0..fid_digit9
     "fid_inception": "lower",  # only where Inception weights are available
     "inception_score_inception": "higher",
+    "kid_inception": "lower",
+    "precision_inception": "higher",
+    "recall_inception": "higher",
 }
-INCEPTION_METRICS = ("fid_inception", "inception_score_inception")
+INCEPTION_METRICS = ("fid_inception", "inception_score_inception", "kid_inception", "precision_inception",
+                     "recall_inception")
 
 
 class EvaluateError(DigitgenError):
@@ -148,16 +167,20 @@ class Judge:
         return cls(model, extractors, skipped, params, Path(cache_root), device)
 
     def fidelity(self, images: ImageSet, reference: ImageSet | None = None, isc: bool = True) -> dict[str, float]:
-        """IS of `images` and, given a reference set, FID against it, with every extractor."""
+        """IS of `images` and, given a reference set, FID, KID and precision/recall against it, with every extractor."""
         metrics = {}
         for extractor in self.extractors:
             kwargs = {}
-            if reference is not None:
+            if reference is not None:  # KID draws subsets: no larger than either set
                 kwargs = {"input2": replace(reference, channels=extractor.channels),
-                          "input2_cache_name": reference.cache_name}
+                          "input2_cache_name": reference.cache_name,
+                          "kid_subset_size": min(self.params.kid_subset_size, len(images), len(reference)),
+                          "kid_subsets": self.params.kid_subsets,
+                          "prc_neighborhood": self.params.prc_neighborhood, "prc_batch_size": self.params.batch_size}
             got = torch_fidelity.calculate_metrics(
                 input1=replace(images, channels=extractor.channels), input1_cache_name=images.cache_name,
-                isc=isc, fid=reference is not None, feature_extractor=extractor.name,
+                isc=isc, fid=reference is not None, kid=reference is not None, prc=reference is not None,
+                feature_extractor=extractor.name,
                 feature_extractor_weights_path=extractor.weights_path, isc_splits=self.params.is_splits,
                 batch_size=self.params.batch_size, cuda=self.device.type == "cuda", rng_seed=self.params.seed,
                 cache_root=str(self.cache_root), verbose=False, **kwargs,
@@ -168,15 +191,38 @@ class Judge:
                 metrics[f"inception_score{extractor.suffix}_std"] = got[torch_fidelity.KEY_METRIC_ISC_STD]
             if reference is not None:
                 metrics[f"fid{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_FID]
+                metrics[f"kid{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_KID_MEAN]
+                metrics[f"kid{extractor.suffix}_std"] = got[torch_fidelity.KEY_METRIC_KID_STD]
+                metrics[f"precision{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_PRECISION]
+                metrics[f"recall{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_RECALL]
+        return metrics
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The classifier's features (FID's space) of uint8 images."""
+        return torch.cat([self.classifier(images[i : i + self.params.batch_size].to(self.device))[0].cpu().double()
+                          for i in range(0, len(images), self.params.batch_size)])
+
+    def fid_per_digit(self, images: torch.Tensor, digits: torch.Tensor, reference: Digits) -> dict[str, float]:
+        """fid_digit<d>: FID of the images drawn for digit d against the reference images of d; fid_per_digit their mean."""
+        ours, theirs = self.features(images), self.features(reference.images.unsqueeze(1))
+        metrics = {}
+        for digit in range(NUM_DIGITS):
+            stats = [fid_features_to_statistics(f) for f in (ours[digits == digit], theirs[reference.labels == digit])]
+            metrics[f"fid_digit{digit}"] = fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID]
+        metrics["fid_per_digit"] = sum(metrics.values()) / NUM_DIGITS
         return metrics
 
     def generation_metrics(self, images: torch.Tensor, digits: torch.Tensor,
-                           reference: ImageSet | None) -> dict[str, float]:
-        """gen_accuracy, distinct_fraction, IS and (given a reference) FID of uint8 images drawn for `digits`."""
+                           reference: Digits | None) -> dict[str, float]:
+        """gen_accuracy, distinct_fraction, IS and (given reference images) FID, KID, precision/recall and FID
+        per digit of uint8 images drawn for `digits`."""
         predicted = self.classifier.logits(images, self.params.batch_size).argmax(1)
         metrics = {"gen_accuracy": (predicted == digits).sum().item() / len(digits),
                    "distinct_fraction": len(torch.unique(images.flatten(1), dim=0)) / len(images)}
-        metrics.update(self.fidelity(ImageSet(images), reference))
+        metrics.update(self.fidelity(ImageSet(images), real_set(reference, "test") if reference is not None else None))
+        if reference is not None:
+            metrics.update(self.fid_per_digit(images, digits, reference))
         return metrics
 
 
@@ -236,14 +282,18 @@ def model_metrics(model: Model, test: Digits) -> dict[str, float]:
     return metrics
 
 
-def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits,
-                  test_set: ImageSet) -> tuple[dict[str, float], torch.Tensor]:
+def generated_digits(params: EvaluateParams) -> torch.Tensor:
+    """The digits a generator is asked for: 0-9, n_generated / 10 each, grouped by digit."""
+    return torch.arange(NUM_DIGITS).repeat_interleave(params.n_generated // NUM_DIGITS)
+
+
+def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits) -> tuple[dict[str, float], torch.Tensor]:
     """Every metric of one trained model, and its generated images (uint8, grouped by digit)."""
     params = judge.params
-    digits = torch.arange(NUM_DIGITS).repeat_interleave(params.n_generated // NUM_DIGITS)
+    digits = generated_digits(params)
     generator = torch.Generator().manual_seed(params.seed)
     images = to_uint8(generate(model, digits, params.sampler, train, generator))
-    metrics = judge.generation_metrics(images, digits, test_set)
+    metrics = judge.generation_metrics(images, digits, test)
     metrics.update(model_metrics(model, test))
     return metrics, images
 
@@ -263,14 +313,42 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
     return dict(sorted(found.items(), key=lambda item: int(item[0])))
 
 
+def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """uint8 images N x 1 x 28 x 28 under a Gaussian blur of `sigma` pixels (kernel to 3 sigma, edges padded
+    with black, as MNIST's are)."""
+    radius = max(1, round(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-offsets.pow(2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    x = images.float()
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1), padding=(0, radius))
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1), padding=(radius, 0))
+    return x.round().clamp(0, 255).to(torch.uint8)
+
+
+def reference_points(params: EvaluateParams, train: Digits, held_out: Digits) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{name: (uint8 images, the digits they are for)}: the "generators" that place a model's numbers."""
+    digits = generated_digits(params)
+    real = Digits(held_out.images[: params.n_generated], held_out.labels[: params.n_generated])
+    means = torch.stack([train.images[train.labels == d].float().mean(0) for d in range(NUM_DIGITS)])
+    noise = torch.rand(len(digits), IMAGE_DIM, generator=torch.Generator().manual_seed(params.seed))
+    return {"held_out_real": (real.images.unsqueeze(1), real.labels),
+            "blurred_real": (blurred(real.images.unsqueeze(1), params.reference_blur_sigma), real.labels),
+            "digit_means": (means.round().to(torch.uint8)[digits].unsqueeze(1), digits),
+            "uniform_noise": (to_uint8(noise), digits)}
+
+
 def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path,
                   cache_root: Path) -> dict:
-    """Stage `reference`: the metrics of real digits, once, and the test set's cached features."""
+    """Stage `reference`: the metrics of real digits, once, the test set's cached features, and every
+    generation metric for the reference points (`reference_points`) against the test images."""
     judge = Judge.load(classifier_path, params, cache_root)
-    test = load_split(prepared_dir, "test")
+    train, val, test = (load_split(prepared_dir, split) for split in ("train", "val", "test"))
     test_set = real_set(test, "test")
     reference = judge.generation_metrics(test_set.images, test.labels, None)
-    reference.update(judge.fidelity(real_set(load_split(prepared_dir, "val"), "val"), test_set, isc=False))
+    reference.update(judge.fidelity(real_set(val, "val"), test_set, isc=False))
+    reference["points"] = {name: judge.generation_metrics(images, digits, test)
+                           for name, (images, digits) in reference_points(params, train, val).items()}
     reference["skipped"] = judge.skipped
     write_json(reference, out_path)
     return reference
@@ -286,7 +364,6 @@ class ConfigEvaluation:
     judge: Judge
     train: Digits  # for the fitted sampler
     test: Digits
-    test_set: ImageSet
     test_file: Path  # the prepared test split, logged as the evaluation's dataset
 
     @classmethod
@@ -296,7 +373,7 @@ class ConfigEvaluation:
         judge = Judge.load(classifier_path, params, cache_root)
         test = load_split(prepared_dir, "test")
         return cls(config_name(kind, latent_dim), experiment, models, judge, load_split(prepared_dir, "train"),
-                   test, real_set(test, "test"), Path(prepared_dir) / "test.pt")
+                   test, Path(prepared_dir) / "test.pt")
 
     def seeds(self) -> list[str]:
         return list(self.models)
@@ -306,7 +383,7 @@ class ConfigEvaluation:
         training run; return the metrics and its sample grid."""
         params = self.judge.params
         model = load_model(self.models[seed]).to(self.judge.device)
-        metrics, images = evaluate_seed(model, self.judge, self.train, self.test, self.test_set)
+        metrics, images = evaluate_seed(model, self.judge, self.train, self.test)
         grid = sample_grid(images, params.grid_columns)
         settings = tracking.flatten({"evaluate": {**asdict(params), "device": str(self.judge.device)}})
         run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed], settings)

@@ -17,6 +17,18 @@ sides see the one-hot label, so the latent is left to carry the handwriting styl
     [image (784), digit (10)] -> FC 512 -> ReLU -> FC 256 -> ReLU -> mu, log sigma^2 (latent_dim 2)
     [z, digit (10)]           -> FC 256 -> ReLU -> FC 512 -> ReLU -> FC 784 -> sigmoid (image)
 
+The prior CVAE (kind `pcvae`, "beyond the study") keeps the three input modes and both outputs, but
+its decoder also sees the digit, its latent has a per-digit prior p(z|y) = N(mu_y, sigma_y^2), learned
+in training and saved with the weights, that generation draws from, its label term is weighted (MVAE), its KL term is warmed up, and its image
+pathways may be convolutional:
+
+    image (28x28) -> [conv 4x4/2 -> ReLU] x len(channels) -> FC 512 -> ReLU --\
+                                                                             (+) -> mu, log sigma^2 -> z
+    digit (10)    -> FC 512 -> ReLU -> FC 512 -> ReLU -------------------------/
+    [z, digit]    -> FC 512 -> ReLU -> FC -> [deconv 4x4/2] x len(channels) -> image logits
+    z             -> FC 512 -> ReLU -> FC 10 -> log-softmax (digit)
+    digit alone   -> p(z | digit) = N(mu_y, sigma_y^2): the digit-only "encoder" is the learned prior
+
 Every model answers the same inference calls (`generate`, `reconstruct`, `encode`, `classify`), so
 evaluation and the API need not know which one they hold; a call a model cannot answer raises
 `UnsupportedTask`.
@@ -47,6 +59,10 @@ class ModelConfig:
     latent_dim: int
     hidden_dim: int = 512  # the joint models' layer width
     hidden_dims: tuple[int, ...] = (512, 256)  # the label CVAE's encoder widths; its decoder mirrors them
+    channels: tuple[int, ...] = ()  # the prior CVAE's conv widths (28 -> 14 -> 7 pixels); () = fully connected
+    label_weight: float = 1.0  # the prior CVAE's weight of the digit NLL against the summed pixel BCE
+    kl_warmup_batches: int = 0  # the prior CVAE's KL weight rises linearly from 0 to 1 over this many batches
+    prior_rate: float = 0.01  # the prior CVAE's per-batch step of each digit's prior toward its posteriors' moments
 
 
 class UnsupportedTask(DigitgenError):
@@ -296,10 +312,174 @@ class LabelCVAE(nn.Module):
         return self.decoder(self.encode(images, digits)[0], digits).sigmoid(), None
 
 
-Model = JointAutoencoder | LabelCVAE
+PRIOR_MIN_VARIANCE = 1e-4  # a floor under sigma_y^2: a running second moment minus a squared mean can dip below 0
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
+                prior_logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) per sample, in closed form, summed over the latent."""
+    return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1).sum(-1)
+
+
+class ImagePathway(nn.Module):
+    """The image to a hidden vector: conv blocks (4x4, stride 2, each halving the side) then FC, or the
+    study's two FC layers when there are no channels."""
+
+    def __init__(self, channels: tuple[int, ...], hidden_dim: int):
+        super().__init__()
+        if not channels:
+            self.body = _pathway(IMAGE_DIM, hidden_dim)
+            return
+        layers, in_ch = [nn.Unflatten(1, (1, 28, 28))], 1
+        for out_ch in channels:
+            layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.ReLU()]
+            in_ch = out_ch
+        side = 28 >> len(channels)
+        self.body = nn.Sequential(*layers, nn.Flatten(), nn.Linear(in_ch * side * side, hidden_dim), nn.ReLU())
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(images)
+
+
+class ImageDecoder(nn.Module):
+    """p(x | z, y): the latent and the one-hot digit to 784 Bernoulli logits, mirroring ImagePathway."""
+
+    def __init__(self, latent_dim: int, channels: tuple[int, ...], hidden_dim: int):
+        super().__init__()
+        if not channels:
+            self.body = nn.Sequential(_pathway(latent_dim + NUM_DIGITS, hidden_dim), nn.Linear(hidden_dim, IMAGE_DIM))
+            return
+        side = 28 >> len(channels)
+        layers = [*_mlp(latent_dim + NUM_DIGITS, hidden_dim, channels[-1] * side * side),
+                  nn.Unflatten(1, (channels[-1], side, side))]
+        widths = [*channels[::-1], 1]
+        for i, (in_ch, out_ch) in enumerate(zip(widths, widths[1:])):
+            layers.append(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1))
+            if i < len(channels) - 1:
+                layers.append(nn.ReLU())
+        self.body = nn.Sequential(*layers, nn.Flatten())
+
+    def forward(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        return self.body(torch.cat([z, _one_hot(digits, z)], dim=1))
+
+
+class PriorCVAE(nn.Module):
+    """A joint CVAE whose digit-only condition is a learned prior p(z|y) = N(mu_y, sigma_y^2).
+
+    Training is the study's: one input mode per batch, targets the image and its digit. With the image
+    seen (image+digit, image alone) the loss is the ELBO with a weighted label term (MVAE, Wu & Goodman
+    2018) and the KL taken against the digit's prior (a conditional prior, as Sohn et al. 2015's prior
+    network), warmed up from 0:
+        BCE(x, p(x|z,y)) + label_weight * NLL(y, p(y|z)) + beta * KL(q(z|x[,y]) || p(z|y)),  z ~ q.
+    With the digit alone nothing about the image is observed: z ~ p(z|y) and the loss is
+    label_weight * NLL(y, p(y|z)), which keeps the ten priors apart where the digit head can read them
+    (MVAE's ELBO of the label alone; its KL to the prior is 0 by construction). Its `bce`, the pixel BCE
+    of the image decoded from that z, is reported, not trained.
+
+    The prior is learned in closed form rather than by gradient: the diagonal Gaussian that minimises
+    the expected KL(q(z|x,y) || p(z|y)) over a digit's images matches the moments of their aggregate
+    posterior (mean E[mu], variance E[sigma^2] + Var[mu]; VampPrior's argument that the best prior is the
+    aggregate posterior, Tomczak & Welling 2018). Each training batch moves every digit's mean and second
+    moment `prior_rate` of the way toward its posteriors' (a running average, saved with the weights);
+    a prior moved by Adam's small steps lags the posteriors and generates off their support. Generating
+    from a digit decodes z ~ p(z|y) with the digit: the prior places the digit, z the handwriting.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.image_path = ImagePathway(config.channels, config.hidden_dim)
+        self.digit_path = _pathway(NUM_DIGITS, config.hidden_dim)
+        self.to_mu = nn.Linear(config.hidden_dim, config.latent_dim)
+        self.to_logvar = nn.Linear(config.hidden_dim, config.latent_dim)
+        self.register_buffer("prior_mu", torch.zeros(NUM_DIGITS, config.latent_dim))
+        self.register_buffer("prior_second_moment", torch.ones(NUM_DIGITS, config.latent_dim))  # E[z^2] under q
+        self.image_decoder = ImageDecoder(config.latent_dim, config.channels, config.hidden_dim)
+        self.digit_head = nn.Sequential(*_mlp(config.latent_dim, config.hidden_dim), nn.Linear(config.hidden_dim, NUM_DIGITS))
+        self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))  # drives the KL warm-up; saved
+
+    def prior(self, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu_y, log sigma_y^2) of p(z | y) for each digit."""
+        mu = self.prior_mu[digits]
+        return mu, (self.prior_second_moment[digits] - mu.pow(2)).clamp(min=PRIOR_MIN_VARIANCE).log()
+
+    @torch.no_grad()
+    def fit_prior(self, mu: torch.Tensor, logvar: torch.Tensor, digits: torch.Tensor) -> None:
+        """Move each digit's prior `prior_rate` of the way toward the moments of this batch's posteriors of it."""
+        members = _one_hot(digits, mu).T  # 10 x N
+        counts = members.sum(1, keepdim=True)
+        rate = self.config.prior_rate * (counts > 0)
+        self.prior_mu += rate * (members @ mu / counts.clamp(min=1) - self.prior_mu)
+        second = members @ (mu.pow(2) + logvar.exp()) / counts.clamp(min=1)
+        self.prior_second_moment += rate * (second - self.prior_second_moment)
+
+    def encode(self, images: torch.Tensor | None, digits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z | x, y) or q(z | x); with the digit alone, of the prior p(z | y)."""
+        if images is None:
+            if digits is None:
+                raise ValueError("the encoder needs an image, a digit, or both")
+            return self.prior(digits)
+        fused = self.image_path(images)
+        if digits is not None:
+            fused = fused + self.digit_path(_one_hot(digits, images))
+        return self.to_mu(fused), self.to_logvar(fused)
+
+    def kl_weight(self) -> float:
+        """beta: 0 at the first batch, 1 after kl_warmup_batches, always 1 outside training."""
+        if not self.training or self.config.kl_warmup_batches == 0:
+            return 1.0
+        return min(1.0, self.batches_seen.item() / self.config.kl_warmup_batches)
+
+    def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
+        """images: N x 784 or None; digits: N or None. The image is decoded with the given digit, else the predicted one."""
+        mu, logvar = self.encode(images, digits)
+        z = reparameterize(mu, logvar, torch.randn_like(mu) if sample else None)
+        digit_log_probs = F.log_softmax(self.digit_head(z), dim=-1)
+        shown = digits if digits is not None else digit_log_probs.argmax(1)
+        return Output(self.image_decoder(z, shown), digit_log_probs, z, mu, logvar)
+
+    def loss(self, images: torch.Tensor, digits: torch.Tensor, input_mode: str) -> Losses:
+        if self.training:
+            self.batches_seen += 1
+        mu, logvar = self.encode(images if input_mode != "digit" else None, digits if input_mode != "image" else None)
+        z = reparameterize(mu, logvar, torch.randn_like(mu))
+        nll = F.nll_loss(F.log_softmax(self.digit_head(z), dim=-1), digits)
+        if input_mode == "digit":
+            with torch.no_grad():
+                bce = F.binary_cross_entropy_with_logits(self.image_decoder(z, digits), images, reduction="none").sum(1).mean()
+            return Losses(self.config.label_weight * nll, bce, nll, torch.zeros_like(nll))
+        bce = F.binary_cross_entropy_with_logits(self.image_decoder(z, digits), images, reduction="none").sum(1).mean()
+        kl = gaussian_kl(mu, logvar, *self.prior(digits)).mean()
+        if self.training:
+            self.fit_prior(mu.detach(), logvar.detach(), digits)
+        return Losses(bce + self.config.label_weight * nll + self.kl_weight() * kl, bce, nll, kl)
+
+    def generate(self, digits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) of `digits`, z = mu_y + sigma_y * noise drawn from the learned prior;
+        one noise row gives every digit the same relative place in its prior."""
+        mu, logvar = self.prior(digits)
+        noise = torch.randn_like(mu) if noise is None else noise.expand_as(mu)
+        return self.decode(reparameterize(mu, logvar, noise), digits)
+
+    def decode(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
+        """Images (N x 784 in [0, 1]) of `digits` from latents z."""
+        return self.image_decoder(z, digits).sigmoid()
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Digit log-probabilities (N x 10) from images alone, read from the posterior mean."""
+        return F.log_softmax(self.digit_head(self.encode(images, None)[0]), dim=-1)
+
+    def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images N x 784 in [0, 1], digit log-probabilities N x 10) from the posterior mean; without
+        digits the image is decoded with the predicted digit."""
+        out = self(images, digits, sample=False)
+        return out.image_logits.sigmoid(), out.digit_log_probs
+
+
+Model = JointAutoencoder | LabelCVAE | PriorCVAE
 # Loss terms a kind does not have (its Losses hold a constant 0 there): the CAE has no KL, the label CVAE no digit NLL
-ABSENT_TERMS: dict[str, tuple[str, ...]] = {"cae": ("kl",), "cvae": (), "label_cvae": ("nll",)}
-MODELS: dict[str, type[Model]] = {"cae": CAE, "cvae": CVAE, "label_cvae": LabelCVAE}
+ABSENT_TERMS: dict[str, tuple[str, ...]] = {"cae": ("kl",), "cvae": (), "label_cvae": ("nll",), "pcvae": ()}
+MODELS: dict[str, type[Model]] = {"cae": CAE, "cvae": CVAE, "label_cvae": LabelCVAE, "pcvae": PriorCVAE}
 
 
 def resolve_device(name: str) -> torch.device:

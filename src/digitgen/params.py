@@ -21,6 +21,7 @@ MNIST_TRAIN_SIZE = 60_000  # images in the original MNIST training file
 MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
 LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
+BEYOND_KINDS = ("pcvae",)  # beyond the study: the joint CVAE with a learned per-digit prior (params: beyond)
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
 # What trains the seeds of a configuration: local, one after another in the stage's process; processes,
 # `workers` at once in child processes on this machine; ray, one Ray task per seed on a Ray cluster
@@ -179,9 +180,18 @@ class EvaluateParams:
     seed: int = 0  # generation noise and IS split shuffling; the same for every seed (common random numbers)
     inception_weights: str | None = None  # torch-fidelity's Inception file; else the torch hub cache; else skipped
     grid_columns: int = 10  # samples per digit in the sample grid
+    kid_subset_size: int = 1000  # KID: images per random subset (capped at the sizes of the two sets)
+    kid_subsets: int = 10  # KID: how many random subsets it averages (torch-fidelity's 100 cost 19 s a call on 1 core)
+    prc_neighborhood: int = 3  # precision/recall: the k of the k-nearest-neighbour balls
+    reference_blur_sigma: float = 1.0  # the blurred-real reference point: Gaussian blur, in pixels
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _require(self.kid_subset_size > 1, "kid_subset_size", "an integer of at least 2", self.kid_subset_size)
+        _require(self.kid_subsets > 0, "kid_subsets", "a positive integer", self.kid_subsets)
+        _require(self.prc_neighborhood > 0, "prc_neighborhood", "a positive integer", self.prc_neighborhood)
+        _require(self.reference_blur_sigma > 0, "reference_blur_sigma", "a positive number (pixels)",
+                 self.reference_blur_sigma)
         _require(self.n_generated >= 10 and self.n_generated % 10 == 0, "n_generated",
                  "a positive multiple of 10 (equally many images per digit)", self.n_generated)
         _require(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", self.sampler)
@@ -234,6 +244,37 @@ class LabelCVAEParams:
 
 
 @dataclass(frozen=True)
+class BeyondParams:
+    """Beyond the study: the prior CVAE's grid, architecture, loss weights and training (same keys as `train`)."""
+
+    models: list[str] = field(default_factory=lambda: list(BEYOND_KINDS))
+    latent_dims: list[int] = field(default_factory=lambda: [16, 32])
+    hidden_dim: int = 512
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # conv widths; [] = fully connected
+    label_weight: float = 50.0  # the digit NLL's weight against the pixel BCE summed over 784 pixels (MVAE)
+    kl_warmup_epochs: float = 2.0  # the KL weight rises linearly from 0 to 1 over these epochs
+    prior_rate: float = 0.01  # each batch moves a digit's prior this share of the way toward its posteriors' moments
+    train: TrainParams = field(default_factory=TrainParams)
+
+    def __post_init__(self) -> None:
+        _require(len(self.models) > 0 and all(kind in BEYOND_KINDS for kind in self.models), "models",
+                 f"a non-empty list of {', '.join(BEYOND_KINDS)}", self.models)
+        _require(all(d > 0 for d in self.latent_dims) and self.latent_dims, "latent_dims",
+                 "a non-empty list of positive integers", self.latent_dims)
+        _require(self.hidden_dim > 0, "hidden_dim", "a positive integer", self.hidden_dim)
+        _require(len(self.channels) <= 2 and all(c > 0 for c in self.channels), "channels",
+                 "a list of at most 2 positive integers (each conv halves the 28-pixel side)", self.channels)
+        _require(self.label_weight > 0, "label_weight", "a positive number", self.label_weight)
+        _require(0 < self.prior_rate <= 1, "prior_rate", "in (0, 1]", self.prior_rate)
+        _require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", "a non-negative number", self.kl_warmup_epochs)
+
+
+def train_section(kind: str) -> str:
+    """The params.yaml section that trains `kind`."""
+    return {LABEL_CVAE: "label_cvae.train", **{k: "beyond.train" for k in BEYOND_KINDS}}.get(kind, "train")
+
+
+@dataclass(frozen=True)
 class TrackingParams:
     experiment: str = "digitgen"
     system_metrics: bool = False  # MLflow samples CPU, memory (and GPU) use into each seed run (train/ stages)
@@ -265,6 +306,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     execution: ExecutionParams = field(default_factory=ExecutionParams)
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
+    beyond: BeyondParams = field(default_factory=BeyondParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)

@@ -43,8 +43,8 @@ from tqdm import tqdm
 from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
-from digitgen.params import (INPUT_MODES, LABEL_CVAE, DigitgenError, ExecutionParams, Params, TrainParams,
-                             config_name)
+from digitgen.params import (BEYOND_KINDS, INPUT_MODES, LABEL_CVAE, DigitgenError, ExecutionParams, Params,
+                             TrainParams, config_name, train_section)
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -146,7 +146,7 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
 
 def _check_divergence(model: Model, row: dict[str, float], params: TrainParams, label: str, epoch: int) -> None:
     """Stop (before the epoch is checkpointed) when a loss is NaN or past max_loss, or a weight is not finite."""
-    section = "label_cvae.train" if model.config.kind == LABEL_CVAE else "train"
+    section = train_section(model.config.kind)
     for key in ("train_loss", "val_loss"):
         if not math.isfinite(row[key]) or row[key] > params.max_loss:
             problem = f"{key} {row[key]:.3g} (limit: {section}.max_loss {params.max_loss:g})"
@@ -211,9 +211,16 @@ def read_history(path: Path) -> list[dict[str, float]]:
 
 
 def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig, TrainParams]:
-    """What `kind` is built and trained with: the study's `model` and `train` sections, or `label_cvae`'s own."""
+    """What `kind` is built and trained with: the study's `model` and `train` sections, or `label_cvae`'s or
+    `beyond`'s own."""
     if kind == LABEL_CVAE:
         return ModelConfig(kind, latent_dim, hidden_dims=tuple(params.label_cvae.hidden_dims)), params.label_cvae.train
+    if kind in BEYOND_KINDS:
+        beyond = params.beyond
+        batches_per_epoch = math.ceil(params.data.train_size / beyond.train.batch_size)
+        return ModelConfig(kind, latent_dim, hidden_dim=beyond.hidden_dim, channels=tuple(beyond.channels),
+                           label_weight=beyond.label_weight, prior_rate=beyond.prior_rate,
+                           kl_warmup_batches=round(beyond.kl_warmup_epochs * batches_per_epoch)), beyond.train
     return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
 
 

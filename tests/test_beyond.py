@@ -1,0 +1,126 @@
+"""Beyond the study: the prior CVAE (learned per-digit prior, weighted label term, KL warm-up)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import digitgen
+from conftest import make_params
+from digitgen.models import ModelConfig, build_model, gaussian_kl, kl_divergence, load_model, save_model
+from digitgen.params import INPUT_MODES, ParamsError
+from digitgen.train import model_setup
+
+CONFIGS = {"conv": ModelConfig("pcvae", 4, hidden_dim=32, channels=(4, 8), label_weight=50.0, kl_warmup_batches=10),
+           "mlp": ModelConfig("pcvae", 4, hidden_dim=32, label_weight=50.0)}
+
+
+@pytest.fixture
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(6, 784, generator=gen), torch.tensor([0, 1, 2, 7, 8, 9])
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_every_input_mode_trains_and_every_condition_answers(config, batch):
+    images, digits = batch
+    model = build_model(config)
+    for mode in INPUT_MODES:
+        losses = model.loss(images, digits, mode)
+        assert torch.isfinite(losses.total) and losses.total > 0
+        losses.total.backward()
+    model.eval()
+    assert model.classify(images).exp().sum(1).allclose(torch.ones(6))
+    for given in (digits, None):
+        recon, log_probs = model.reconstruct(images, given)
+        assert recon.shape == (6, 784) and log_probs.shape == (6, 10) and 0 <= recon.min() and recon.max() <= 1
+    assert model.generate(digits).shape == (6, 784)
+
+
+def test_generating_a_digit_decodes_a_draw_from_that_digits_learned_prior(batch):
+    _, digits = batch
+    model = build_model(CONFIGS["conv"]).eval()
+    model.prior_mu.copy_(torch.randn(10, 4))
+    model.prior_second_moment.copy_(model.prior_mu.pow(2) + 0.25)  # sigma_y = 0.5
+    noise = torch.randn(6, 4)
+    expected = model.decode(model.prior_mu[digits] + 0.5 * noise, digits)
+    assert torch.allclose(model.generate(digits, noise), expected, atol=1e-6)
+    assert not torch.allclose(model.generate(digits, noise), model.generate(digits, torch.zeros(6, 4)))
+
+
+def test_the_kl_is_taken_against_the_digits_prior_and_warmed_up(batch):
+    images, digits = batch
+    mu, logvar = torch.randn(3, 4), torch.randn(3, 4)
+    assert torch.allclose(gaussian_kl(mu, logvar, mu, logvar), torch.zeros(3), atol=1e-6)
+    assert torch.allclose(gaussian_kl(mu, logvar, torch.zeros(3, 4), torch.zeros(3, 4)), kl_divergence(mu, logvar))
+    model = build_model(CONFIGS["conv"]).train()
+    first = model.loss(images, digits, "image_digit")  # batch 1 of a 10-batch warm-up: KL weight 0.1
+    assert torch.allclose(first.total, first.bce + 50.0 * first.nll + 0.1 * first.kl)
+    for _ in range(20):
+        model.loss(images, digits, "image")
+    assert model.kl_weight() == 1.0
+    assert model.eval().kl_weight() == 1.0
+
+
+def test_training_moves_each_digits_prior_toward_its_posteriors_moments(batch):
+    images, digits = batch
+    model = build_model(ModelConfig("pcvae", 4, hidden_dim=32, prior_rate=1.0)).train()
+    torch.manual_seed(0)
+    model.loss(images, digits, "image_digit")
+    mu, logvar = model.eval().encode(images, digits)
+    assert torch.allclose(model.prior_mu[digits], mu, atol=1e-5)  # one image per digit, rate 1: its posterior
+    assert torch.allclose(model.prior(digits)[1], logvar, atol=1e-4)
+    assert torch.equal(model.prior_mu[3:7], torch.zeros(4, 4))  # digits not in the batch stay where they were
+    before = model.prior_mu.clone()
+    model.loss(images, digits, "image_digit")  # evaluation mode: the prior is left alone
+    assert torch.equal(model.prior_mu, before)
+
+
+def test_the_digit_only_mode_trains_the_label_term_alone(batch):
+    images, digits = batch
+    losses = build_model(CONFIGS["mlp"]).loss(images, digits, "digit")
+    assert losses.kl == 0 and torch.allclose(losses.total, 50.0 * losses.nll)
+
+
+def test_a_saved_model_keeps_its_prior_and_warm_up(tmp_path, batch):
+    _, digits = batch
+    model = build_model(CONFIGS["conv"])
+    model.prior_mu.add_(1.0)
+    model.batches_seen.fill_(7)
+    save_model(model, tmp_path / "seed0.pt")
+    loaded = load_model(tmp_path / "seed0.pt")
+    assert loaded.batches_seen == 7 and torch.equal(loaded.prior_mu, model.prior_mu)
+    noise = torch.randn(6, 4)
+    assert torch.equal(loaded.generate(digits, noise), model.eval().generate(digits, noise))
+
+
+def test_the_beyond_section_builds_the_model_and_its_warm_up_in_batches():
+    params = make_params(beyond={"kl_warmup_epochs": 2})  # 1000 training images, batches of 64: 16 per epoch
+    config, train = model_setup(params, "pcvae", 4)
+    assert (config.channels, config.label_weight, config.kl_warmup_batches) == ((4, 8), 50.0, 32)
+    assert train is params.beyond.train
+
+
+def test_three_conv_blocks_are_refused_in_one_line():
+    with pytest.raises(ParamsError, match=r"beyond.channels must be a list of at most 2"):
+        make_params(beyond={"channels": [4, 8, 16]})
+
+
+def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_subset, tmp_path, monkeypatch):
+    from digitgen.train import run_train
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(prepared / f"{name}.pt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    runs = run_train(make_params(beyond={"train": {**make_params().beyond.train.__dict__, "epochs": 1}}), "pcvae", 4,
+                     prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    images = mnist_subset["test"].float_images()[:4].reshape(-1, 28, 28)
+    for source in (tmp_path / "models" / "seed0.pt", f"runs:/{runs['seed_run_ids']['0']}"):
+        model = digitgen.load(source)
+        assert model.kind == "pcvae"
+        assert model.generate([3, 8], n=2, seed=0).shape == (4, 28, 28)
+        assert model.classify(images).digits.shape == (4,)
+        assert model.reconstruct(images).images.shape == (4, 28, 28)
