@@ -70,6 +70,7 @@ METRICS = {
     "precision": "higher",
     "recall": "higher",
     "fid_per_digit": "lower",  # the mean of fid_digit0..fid_digit9
+    **{f"fid_digit{digit}": "lower" for digit in range(NUM_DIGITS)},
     "fid_inception": "lower",  # only where Inception weights are available
     "inception_score_inception": "higher",
     "kid_inception": "lower",
