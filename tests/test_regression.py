@@ -56,18 +56,18 @@ def test_a_worsened_metric_fails_and_is_named_in_the_table(files, capsys):
 def test_a_missing_metric_fails(files, capsys):
     baseline, write = files
     missing = copy.deepcopy(baseline)
-    del missing["cae-8"]["gen_accuracy"]
+    del missing["cae-16"]["gen_accuracy"]
     assert main(write(missing)) == 1
-    assert "cae-8 gen_accuracy (MISSING)" in capsys.readouterr().out
+    assert "cae-16 gen_accuracy (MISSING)" in capsys.readouterr().out
 
 
 def test_an_improvement_beyond_tolerance_passes_and_says_so(files, capsys):
     baseline, write = files
     better = copy.deepcopy(baseline)
-    better["cae-32"]["reconstruction_error"]["mean"] -= 50  # lower is better
+    better["cae-16"]["reconstruction_error"]["mean"] -= 50  # lower is better
     assert main(write(better)) == 0
     out = capsys.readouterr().out
-    assert "improved" in next(r for r in out.splitlines() if "cae-32" in r and "reconstruction_error " in r)
+    assert "improved" in next(r for r in out.splitlines() if "cae-16" in r and "reconstruction_error " in r)
     assert "1 improved beyond tolerance" in out
 
 
