@@ -77,14 +77,17 @@ def inject(regression: Regression, root: Path) -> None:
 
 
 def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
-    """Clone, inject, `dvc repro` the smoke pipeline; the fresh summary.json and the wall time."""
+    """Clone the committed code, inject, `dvc repro` the smoke pipeline; the fresh summary.json and the wall time."""
     root = workdir / regression.name
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": str(threads),
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     started = time.perf_counter()
     with open(workdir / f"{regression.name}.log", "w") as log:
-        _run(["git", "clone", "-q", "--shared", str(REPO), str(root)], workdir, env, log)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.strip()  # this checkout's commit (a worktree's too)
+        _run(["git", "clone", "-q", "--shared", "--no-checkout", str(REPO), str(root)], workdir, env, log)
+        _run(["git", "checkout", "-q", commit], root, env, log)
         inject(regression, root)
         dvc = [sys.executable, "-m", "dvc"]
         _run([*dvc, "cache", "dir", "--local", str(REPO / ".dvc" / "cache")], root, env, log)
