@@ -81,6 +81,7 @@ def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
     root = workdir / regression.name
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": str(threads),
+           "PYTHONPATH": str(root / "src"),  # the clone's (injected) code, not the environment's editable install
            "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     started = time.perf_counter()
     with open(workdir / f"{regression.name}.log", "w") as log:
