@@ -3,10 +3,10 @@
     uv run python benchmarks/gate_power.py                   # every regression, one after another
     uv run python benchmarks/gate_power.py kl_dropped --jobs 2
 
-Each regression is a one-line mistake a contributor could make. For each, a clone of the committed
-repository gets the mistake, reproduces the smoke pipeline (sharing this repository's DVC cache, so the
-data, the classifier and every stage the mistake does not touch are restored, not rerun) and runs the gate
-against pipelines/smoke/baseline.json. Prints a table: regression, the checks that failed and the metrics
+Each regression is a one-line mistake a contributor could make in the study's models or training loop. For
+each, a clone of the committed repository gets the mistake, reproduces the smoke pipeline's study
+configurations up to their evaluation (sharing this repository's DVC cache, so the data and the classifier
+are restored, not rerun) and runs the gate's comparison against pipelines/smoke/baseline.json for them. Prints a table: regression, the checks that failed and the metrics
 that moved most, caught or not. Exits 1 when a regression went uncaught. Needs the smoke pipeline's
 outputs in the DVC cache (run `uv run dvc repro pipelines/smoke/dvc.yaml` once first).
 """
@@ -30,6 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = "pipelines/smoke"
 sys.path.insert(0, str(REPO / "src"))
 
+import yaml  # noqa: E402
+
+from digitgen.aggregate import load_evaluations, summarize  # noqa: E402
+from digitgen.params import config_name  # noqa: E402
 from digitgen.regression import compare, load_thresholds  # noqa: E402
 
 
@@ -48,7 +52,9 @@ REGRESSIONS = [
     Regression("kl_doubled", "the KL term counted twice", "src/digitgen/models.py",
                "return Losses(bce + nll + kl, bce, nll, kl)", "return Losses(bce + nll + 2 * kl, bce, nll, kl)"),
     Regression("image_mode_untrained", "the image-only input mode fed the digit too (never trained alone)",
-               "src/digitgen/models.py", 'digits if input_mode != "image" else None', "digits"),
+               "src/digitgen/models.py",
+               'out = self(images if input_mode != "digit" else None, digits if input_mode != "image" else None)',
+               'out = self(images if input_mode != "digit" else None, digits)'),
     Regression("digit_head_detached", "the digit head detached from the encoder and decoder layers",
                "src/digitgen/models.py", "F.log_softmax(self.digit_head(h), dim=-1)",
                "F.log_softmax(self.digit_head(h.detach()), dim=-1)"),
@@ -76,8 +82,14 @@ def inject(regression: Regression, root: Path) -> None:
     path.write_text(text.replace(regression.old, regression.new))
 
 
+def study_configurations() -> list[str]:
+    """The smoke pipeline's study configurations (cae-16, cvae-16): what the injected mistakes are judged on."""
+    study = yaml.safe_load((REPO / SMOKE / "params.yaml").read_text())["study"]
+    return [config_name(kind, d) for d in study["latent_dims"] for kind in study["models"]]
+
+
 def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
-    """Clone the committed code, inject, `dvc repro` the smoke pipeline; the fresh summary.json and the wall time."""
+    """Clone the committed code, inject, `dvc repro` the smoke study's evaluations; their summary and the wall time."""
     root = workdir / regression.name
     bindir = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": str(threads),
@@ -93,13 +105,14 @@ def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
         dvc = [sys.executable, "-m", "dvc"]
         _run([*dvc, "cache", "dir", "--local", str(REPO / ".dvc" / "cache")], root, env, log)
         _run([*dvc, "checkout", "-q", f"{SMOKE}/dvc.yaml"], root, env, log)
-        _run([*dvc, "repro", f"{SMOKE}/dvc.yaml"], root, env, log)
-    return {"summary": json.loads((root / SMOKE / "results" / "summary.json").read_text()),
+        configs = study_configurations()
+        _run([*dvc, "repro", *(f"{SMOKE}/dvc.yaml:evaluate@{c}" for c in configs)], root, env, log)
+    return {"summary": summarize(load_evaluations(root / SMOKE / "results" / "evaluation", configs)),
             "seconds": time.perf_counter() - started}
 
 
 def describe(regression: Regression, summary: dict) -> dict:
-    baseline = json.loads((REPO / SMOKE / "baseline.json").read_text())
+    baseline = {c: m for c, m in json.loads((REPO / SMOKE / "baseline.json").read_text()).items() if c in summary}
     verdicts = compare(baseline, summary, load_thresholds(REPO / SMOKE / "thresholds.yaml"))
     failed = [v for v in verdicts if v.failed]
     # the largest moves, in units of each check's tolerance
@@ -129,7 +142,11 @@ def main() -> None:
     print(f"{len(chosen)} regressions, {args.jobs} at a time ({threads} threads each), in {workdir}", flush=True)
 
     def one(regression: Regression) -> dict:
-        result = reproduce(regression, workdir, threads)
+        try:
+            result = reproduce(regression, workdir, threads)
+        except (RuntimeError, SystemExit) as err:  # one regression that cannot run does not lose the others
+            print(f"{regression.name}: {err}", flush=True)
+            return {"regression": regression.name, "what": regression.what, "caught": f"not run: {err}"}
         row = {**describe(regression, result["summary"]), "minutes": f"{result['seconds'] / 60:.1f}"}
         print(f"{row['regression']}: caught {row['caught']} ({row['checks failed']} checks failed)", flush=True)
         return row

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -41,7 +42,8 @@ def _answers_ping(port: int) -> bool:
 def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mnist_subset, tmp_path):
     trained = trained_models["cvae"]
     port = _free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # MLflow execs the env's uvicorn
     log = tmp_path / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/cvae-4-seed0",
                "--env-manager", "local", "--host", LOOPBACK, "--port", str(port)]
