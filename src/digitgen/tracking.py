@@ -229,8 +229,11 @@ def _run(**start_kwargs):
     try:
         yield run
     except BaseException as error:
-        with contextlib.suppress(*STORE_ERRORS):
+        try:
             mlflow.end_run(_end_status(error))
+        except STORE_ERRORS:  # e.g. a signal cut a store call short; a fresh call still records how the run ended
+            with contextlib.suppress(*STORE_ERRORS):
+                MlflowClient().set_terminated(run.info.run_id, _end_status(error))
         raise
     with store_errors("ending a run"):
         mlflow.end_run(_end_status(None))
