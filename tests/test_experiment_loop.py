@@ -23,7 +23,7 @@ from conftest import REPO, copy_from_repo
 from digitgen.data import MIRROR_ENV
 
 SMOKE = "pipelines/smoke"
-# The smoke params shrunk to one configuration (CVAE, latent 8), one seed and tiny data: every stage still
+# The smoke params shrunk to one study configuration (CVAE, latent 8), one seed and tiny data: every stage still
 # runs, and a stage costs little more than starting Python with torch and MLflow.
 TINY = {
     "data": {"train_size": 1000, "val_size": 200, "test_size": 200},
@@ -32,6 +32,7 @@ TINY = {
     "train": {"seeds": [0], "epochs": 1},
     "label_cvae": {"hidden_dims": [64, 32], "train": {"seeds": [0], "epochs": 1},
                    "figures": {"plane_size": 3, "samples_per_digit": 2}},
+    "beyond": {"hidden_dim": 64, "channels": [4, 8], "train": {"seeds": [0], "epochs": 1}},
     "classifier": {"epochs": 1, "channels": [4, 8], "feature_dim": 16, "min_test_accuracy": 0.0},
     "evaluate": {"n_generated": 100, "is_splits": 2, "batch_size": 100, "grid_columns": 2},
 }
@@ -151,7 +152,8 @@ def test_the_headline_metrics_are_few_and_readable(project):
     assert set(smoke) == {f"{SMOKE}/results/metrics.json", f"{SMOKE}/results/classifier.json"}
     assert smoke[f"{SMOKE}/results/metrics.json"]["cvae-8"]["fid"].keys() == {"mean", "std"}
     values = [leaf for data in smoke.values() for leaf in _leaves(data)]
-    assert len(values) == 5 * 2 + 4 * 2 + 1  # cvae-8, the label CVAE (no classification) x mean/std; classifier
+    # cvae-8 and the prior CVAE (5 metrics), the label CVAE (no classification: 4), each mean and std; classifier
+    assert len(values) == 5 * 2 * 2 + 4 * 2 + 1
 
 
 def _leaves(tree):
@@ -207,7 +209,8 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
 def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop):
     _, one, rest = loop
     assert one == ["classifier", "download", "evaluate@cvae-8", "split", "train@cvae-8"]
-    assert rest == ["aggregate", "evaluate_label_cvae", "label_cvae_figures", "reference", "train_label_cvae"]
+    assert rest == ["aggregate", "evaluate_beyond@pcvae-8", "evaluate_label_cvae", "label_cvae_figures", "reference",
+                    "train_beyond@pcvae-8", "train_label_cvae"]
 
 
 def test_retraining_with_nothing_changed_changes_no_hash_and_evaluation_does_not_rerun(project):
