@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import socket
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,14 @@ from digitgen.params import parse_params
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
+LOOPBACK = "127.0.0.1"  # every server a test starts binds here
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
 
 
 def copy_from_repo(names, root: Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,11 @@ import pytest
 import torch
 
 import digitgen
+from conftest import LOOPBACK, free_port
 from digitgen.serving import request_frame
 
 START_SECONDS = 180  # a fresh process imports MLflow and torch and loads the model: slow on a busy CPU
-LOOPBACK = "127.0.0.1"
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback even where a proxy is set
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return s.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:
@@ -41,7 +34,7 @@ def _answers_ping(port: int) -> bool:
 
 def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mnist_subset, tmp_path):
     trained = trained_models["cvae"]
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # MLflow execs the env's uvicorn
     log = tmp_path / "serve.log"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,17 +18,11 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_from_repo, make_params, params_raw
+from conftest import copy_from_repo, free_port, make_params, params_raw
 from digitgen.data import MIRROR_ENV
 from digitgen.train import run_train
 
 BIN = Path(sys.executable).parent  # the environment's `dvc`, `digitgen` and `mlflow`
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -38,7 +31,7 @@ def start_server(tmp_path):
     servers = []
 
     def start(backend_uri: str) -> str:
-        port = _free_port()
+        port = free_port()
         log = open(tmp_path / f"mlflow-server-{port}.log", "w")
         server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
                                    "--workers", "1", "--backend-store-uri", backend_uri,
@@ -143,7 +136,7 @@ def postgres():
         except LookupError:
             pytest.skip("running as root and there is no user postgres to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
+    port = free_port()
     started = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "postgres",
                               "--auth=trust"], capture_output=True, text=True)
     if started.returncode == 0:
