@@ -90,7 +90,7 @@ def _alive(pid: int) -> bool:
 
 def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_runs_killed_and_leaves_no_orphan(
         prepared_dir, tmp_path, mlflow_store):
-    epochs = 60  # a tiny epoch takes ~0.1 s: the workers cannot finish before the signal
+    epochs = 5000  # a tiny epoch takes ~0.1 s: a worker cannot finish while a loaded machine still starts the other
     raw = params_raw(train={"seeds": [0, 1], "epochs": epochs},
                      execution={"executor": "processes", "workers": 2, "threads": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
