@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-RELATIVE = ("fid", "inception_score", "reconstruction_error", "reconstruction_error_image_only")
+RELATIVE = ("fid", "inception_score", "reconstruction_error", "reconstruction_error_image_only", "loss")
 GATED = ("gen_accuracy", "classification_accuracy", *RELATIVE)
 
 

@@ -8,6 +8,11 @@ For each seed's model (stage `evaluate`, one configuration per run):
 - classification_accuracy: the model's own digit head on the test images, image-only input;
 - reconstruction_error: BCE summed over the 784 pixels, mean over the test images, with image+digit
   input (the study's) and with the image only (reconstruction_error_image_only).
+Beside them, loss: the study's loss terms, bce + nll + kl, unweighted, on the test images shown with their
+digits (for the CVAEs the negative ELBO of image and digit; noise drawn with the evaluation seed). Each
+family has its own scale, so it compares a configuration with itself (the CI gate), not families: it is
+what sees a model that scores better on every image metric because it stopped being what it claims (the
+CVAE with its KL term dropped turns into a CAE, and its KL, which nothing then bounds, grows).
 FID and IS go through torch-fidelity with the classifier registered as its feature extractor; with
 Inception weights at hand they are also computed in Inception's space (fid_inception, ...).
 
@@ -65,6 +70,7 @@ METRICS = {
     "classification_accuracy": "higher",
     "reconstruction_error": "lower",
     "reconstruction_error_image_only": "lower",
+    "loss": "lower",  # bce + nll + kl on the test images: a configuration against itself, not across families
     "distinct_fraction": "higher",  # distinct generated images / all: what IS cannot see
     "kid": "lower",
     "precision": "higher",
@@ -262,8 +268,8 @@ def generate(model: Model, digits: torch.Tensor, sampler: str, train: Digits,
 
 
 @torch.no_grad()
-def model_metrics(model: Model, test: Digits) -> dict[str, float]:
-    """The model's own digit head and reconstructions on the test images.
+def model_metrics(model: Model, test: Digits, seed: int) -> dict[str, float]:
+    """The model's own digit head, reconstructions and loss terms on the test images (noise from `seed`).
 
     A model without a digit head (the label CVAE) has no classification accuracy and cannot encode an
     image without its label: those metrics are left out, and the results table shows them as n/a.
@@ -275,6 +281,10 @@ def model_metrics(model: Model, test: Digits) -> dict[str, float]:
         return F.binary_cross_entropy(reconstructed, images, reduction="none").sum(1).mean().item()
 
     metrics = {"reconstruction_error": bce(model.reconstruct(images, labels)[0])}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        terms = model.loss(images, labels, "image_digit")
+    metrics["loss"] = (terms.bce + terms.nll + terms.kl).item()  # the terms, not the (possibly weighted) total
     try:
         metrics["classification_accuracy"] = (model.classify(images).argmax(1) == labels).sum().item() / len(labels)
         metrics["reconstruction_error_image_only"] = bce(model.reconstruct(images)[0])
@@ -295,7 +305,7 @@ def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits) -> tu
     generator = torch.Generator().manual_seed(params.seed)
     images = to_uint8(generate(model, digits, params.sampler, train, generator))
     metrics = judge.generation_metrics(images, digits, test)
-    metrics.update(model_metrics(model, test))
+    metrics.update(model_metrics(model, test, params.seed))
     return metrics, images
 
 
