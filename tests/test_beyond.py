@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -37,13 +39,13 @@ def test_every_input_mode_trains_and_every_condition_answers(config, batch):
     assert model.generate(digits).shape == (6, 784)
 
 
-def test_generating_a_digit_decodes_a_draw_from_that_digits_learned_prior(batch):
+def test_generating_a_digit_decodes_a_draw_from_that_digits_learned_prior_at_its_temperature(batch):
     _, digits = batch
-    model = build_model(CONFIGS["conv"]).eval()
+    model = build_model(dataclasses.replace(CONFIGS["conv"], prior_temperature=0.8)).eval()
     model.prior_mu.copy_(torch.randn(10, 4))
     model.prior_second_moment.copy_(model.prior_mu.pow(2) + 0.25)  # sigma_y = 0.5
     noise = torch.randn(6, 4)
-    expected = model.decode(model.prior_mu[digits] + 0.5 * noise, digits)
+    expected = model.decode(model.prior_mu[digits] + 0.8 * 0.5 * noise, digits)
     assert torch.allclose(model.generate(digits, noise), expected, atol=1e-6)
     assert not torch.allclose(model.generate(digits, noise), model.generate(digits, torch.zeros(6, 4)))
 
@@ -95,15 +97,18 @@ def test_a_saved_model_keeps_its_prior_and_warm_up(tmp_path, batch):
 
 
 def test_the_beyond_section_builds_the_model_and_its_warm_up_in_batches():
-    params = make_params(beyond={"kl_warmup_epochs": 2})  # 1000 training images, batches of 64: 16 per epoch
+    params = make_params(beyond={"kl_warmup_epochs": 2, "prior_temperature": 0.7})  # 1000 images, 16 batches an epoch
     config, train = model_setup(params, "pcvae", 4)
-    assert (config.channels, config.label_weight, config.kl_warmup_batches) == ((4, 8), 50.0, 32)
+    assert (config.channels, config.label_weight, config.kl_warmup_batches, config.prior_temperature) == (
+        (4, 8), 50.0, 32, 0.7)
     assert train is params.beyond.train
 
 
-def test_three_conv_blocks_are_refused_in_one_line():
+def test_three_conv_blocks_and_a_temperature_above_one_are_refused_in_one_line():
     with pytest.raises(ParamsError, match=r"beyond.channels must be a list of at most 2"):
         make_params(beyond={"channels": [4, 8, 16]})
+    with pytest.raises(ParamsError, match=r"beyond.prior_temperature must be in \(0, 1\], got 1.5"):
+        make_params(beyond={"prior_temperature": 1.5})
 
 
 def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_subset, tmp_path, monkeypatch):

@@ -63,6 +63,7 @@ class ModelConfig:
     label_weight: float = 1.0  # the prior CVAE's weight of the digit NLL against the summed pixel BCE
     kl_warmup_batches: int = 0  # the prior CVAE's KL weight rises linearly from 0 to 1 over this many batches
     prior_rate: float = 0.01  # the prior CVAE's per-batch step of each digit's prior toward its posteriors' moments
+    prior_temperature: float = 1.0  # the prior CVAE generates from z = mu_y + t * sigma_y * noise
 
 
 class UnsupportedTask(DigitgenError):
@@ -382,7 +383,10 @@ class PriorCVAE(nn.Module):
     aggregate posterior, Tomczak & Welling 2018). Each training batch moves every digit's mean and second
     moment `prior_rate` of the way toward its posteriors' (a running average, saved with the weights);
     a prior moved by Adam's small steps lags the posteriors and generates off their support. Generating
-    from a digit decodes z ~ p(z|y) with the digit: the prior places the digit, z the handwriting.
+    from a digit decodes z ~ p(z|y) with the digit: the prior places the digit, z the handwriting, drawn at
+    a reduced temperature t (`prior_temperature`: sigma_y scaled by t, as Glow, Kingma & Dhariwal 2018, and
+    NVAE, Vahdat & Kautz 2020, sample): the prior is a diagonal Gaussian fitted to a digit's aggregate
+    posterior, which is not Gaussian, and its tails reach latents that decode to ambiguous digits.
     """
 
     def __init__(self, config: ModelConfig):
@@ -455,11 +459,11 @@ class PriorCVAE(nn.Module):
         return Losses(bce + self.config.label_weight * nll + self.kl_weight() * kl, bce, nll, kl)
 
     def generate(self, digits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (N x 784 in [0, 1]) of `digits`, z = mu_y + sigma_y * noise drawn from the learned prior;
-        one noise row gives every digit the same relative place in its prior."""
+        """Images (N x 784 in [0, 1]) of `digits`, z = mu_y + t * sigma_y * noise drawn from the learned prior
+        at temperature t; one noise row gives every digit the same relative place in its prior."""
         mu, logvar = self.prior(digits)
         noise = torch.randn_like(mu) if noise is None else noise.expand_as(mu)
-        return self.decode(reparameterize(mu, logvar, noise), digits)
+        return self.decode(reparameterize(mu, logvar, self.config.prior_temperature * noise), digits)
 
     def decode(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
         """Images (N x 784 in [0, 1]) of `digits` from latents z."""

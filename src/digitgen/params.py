@@ -254,6 +254,7 @@ class BeyondParams:
     label_weight: float = 50.0  # the digit NLL's weight against the pixel BCE summed over 784 pixels (MVAE)
     kl_warmup_epochs: float = 2.0  # the KL weight rises linearly from 0 to 1 over these epochs
     prior_rate: float = 0.01  # each batch moves a digit's prior this share of the way toward its posteriors' moments
+    prior_temperature: float = 0.8  # generation draws z = mu_y + t * sigma_y * noise
     train: TrainParams = field(default_factory=TrainParams)
 
     def __post_init__(self) -> None:
@@ -266,6 +267,7 @@ class BeyondParams:
                  "a list of at most 2 positive integers (each conv halves the 28-pixel side)", self.channels)
         _require(self.label_weight > 0, "label_weight", "a positive number", self.label_weight)
         _require(0 < self.prior_rate <= 1, "prior_rate", "in (0, 1]", self.prior_rate)
+        _require(0 < self.prior_temperature <= 1, "prior_temperature", "in (0, 1]", self.prior_temperature)
         _require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", "a non-negative number", self.kl_warmup_epochs)
 
 

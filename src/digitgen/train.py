@@ -220,6 +220,7 @@ def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig
         batches_per_epoch = math.ceil(params.data.train_size / beyond.train.batch_size)
         return ModelConfig(kind, latent_dim, hidden_dim=beyond.hidden_dim, channels=tuple(beyond.channels),
                            label_weight=beyond.label_weight, prior_rate=beyond.prior_rate,
+                           prior_temperature=beyond.prior_temperature,
                            kl_warmup_batches=round(beyond.kl_warmup_epochs * batches_per_epoch)), beyond.train
     return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
 
