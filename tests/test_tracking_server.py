@@ -167,5 +167,5 @@ def test_a_server_on_postgresql_holds_the_configuration_and_its_seed_runs(tmp_pa
     assert sorted(r.info.run_id for r in logged) == sorted([runs["parent_run_id"], *runs["seed_run_ids"].values()])
     assert {r.info.status for r in logged} == {"FINISHED"}
     client = MlflowClient(url)
-    assert [m.step for m in client.get_metric_history(runs["seed_run_ids"]["1"], "val_loss")] == [1]
+    assert [m.step for m in client.get_metric_history(runs["seed_run_ids"]["1"], "val/loss")] == [1]
     assert {a.path for a in client.list_artifacts(runs["seed_run_ids"]["0"])} >= {"loss_curves.png", "generations.png"}
