@@ -31,9 +31,9 @@ from digitgen import figures, tracking
 from digitgen.data import load_split
 from digitgen.evaluate import METRICS
 from digitgen.files import write_atomic, write_json
-from digitgen.models import ABSENT_TERMS, load_model
+from digitgen.models import load_model
 from digitgen.params import BEYOND_KINDS, LABEL_CVAE, DigitgenError, Params, ParamsError, config_name
-from digitgen.train import TIMINGS, read_history
+from digitgen.train import TIMINGS, absent_columns, read_history
 
 # Table 1's five columns, in the study's order and words
 TABLE_COLUMNS = {
@@ -243,7 +243,7 @@ def final_losses(config: str, histories_dir: Path) -> dict[str, dict[str, float]
     """{history column: {mean, std}} of the last epoch over the configuration's seeds, without the loss terms
     the model does not have and without timings."""
     last = pd.DataFrame([read_history(path)[-1] for path in sorted(Path(histories_dir, config).glob("seed*.csv"))])
-    absent = {f"{split}_{term}" for split in ("train", "val") for term in ABSENT_TERMS[config.rsplit("-", 1)[0]]}
+    absent = absent_columns(config.rsplit("-", 1)[0])
     columns = [c for c in last.columns if c not in ("epoch", *TIMINGS) and c not in absent]
     std = last[columns].std(ddof=1).fillna(0.0) if len(last) > 1 else last[columns].mean() * 0.0
     return {c: {"mean": float(last[c].mean()), "std": float(std[c])} for c in columns}

@@ -287,13 +287,13 @@ def _dataset_input(path: Path, name: str, context: str) -> DatasetInput:
 class SeedRun:
     """The handle the training loop logs through."""
 
-    def __init__(self, run_id: str, absent_terms: tuple[str, ...]):
+    def __init__(self, run_id: str, absent_columns: frozenset[str]):
         self.run_id = run_id
-        self.absent = {f"{split}_{term}" for split in ("train", "val") for term in absent_terms}
+        self.absent_columns = absent_columns
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """One epoch's history row, under MLflow names, without the loss terms this model does not have."""
-        named = {history_metric(key): value for key, value in metrics.items() if key not in self.absent}
+        named = {history_metric(key): value for key, value in metrics.items() if key not in self.absent_columns}
         with store_errors(f"logging epoch {epoch}"):
             mlflow.log_metrics(named, step=epoch)
 
@@ -301,10 +301,10 @@ class SeedRun:
 class ConfigRun:
     """The parent run of one configuration; `seed_run` opens (or reopens, to resume) a child per seed."""
 
-    def __init__(self, run_id: str, experiment_id: str, absent_terms: tuple[str, ...]):
+    def __init__(self, run_id: str, experiment_id: str, absent_columns: frozenset[str]):
         self.run_id = run_id
         self.experiment_id = experiment_id
-        self.absent_terms = absent_terms
+        self.absent_columns = absent_columns
 
     @contextlib.contextmanager
     def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str],
@@ -319,7 +319,7 @@ class ConfigRun:
                     mlflow.log_params({**flatten(params), "seed": str(seed)})
                     MlflowClient().log_inputs(run.info.run_id, [
                         _dataset_input(path, f"mnist-{path.stem}", context) for context, path in datasets.items()])
-            yield SeedRun(run.info.run_id, self.absent_terms)
+            yield SeedRun(run.info.run_id, self.absent_columns)
 
 
 def _same_run(exp_id: str, name: str, fingerprint: str) -> str | None:
@@ -337,12 +337,12 @@ def _same_run(exp_id: str, name: str, fingerprint: str) -> str | None:
 
 @contextlib.contextmanager
 def config_run(experiment: str, name: str, run_id: str | None, params: dict, tags: dict[str, str],
-               fingerprint: str, absent_terms: tuple[str, ...] = ()):
+               fingerprint: str, absent_columns: frozenset[str] = frozenset()):
     """Open the parent run of a configuration: reopened by id when resuming, or the earlier run of the same
     configuration, fingerprint and clean commit (its seed runs are then replaced, not duplicated). First
     marks KILLED its runs (parent and seeds) left RUNNING by a trainer that died.
 
-    absent_terms: loss terms the model does not have (the CAE's KL), never logged.
+    absent_columns: history columns of loss terms the model does not have (train.absent_columns), never logged.
     """
     exp_id = experiment_id(experiment)
     stale = end_stale_runs(exp_id, tags)
@@ -359,7 +359,7 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
             with store_errors("tagging the configuration run"):
                 mlflow.set_tags({**tags, FINGERPRINT_TAG: fingerprint})
                 mlflow.log_params(flatten(params))
-        yield ConfigRun(run.info.run_id, exp_id, absent_terms)
+        yield ConfigRun(run.info.run_id, exp_id, absent_columns)
 
 
 def _pinned(*distributions: str) -> list[str]:

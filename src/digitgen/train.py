@@ -196,6 +196,12 @@ def _stopped_by_signals(die_with_parent: bool):
 TIMINGS = ("epoch_seconds",)  # history columns that differ run to run: logged, never cached
 
 
+def absent_columns(kind: str) -> frozenset[str]:
+    """History columns of the loss terms `kind` does not have (the CAE's train_kl, val_kl): its history
+    holds them as 0, and neither MLflow nor the parent runs' summaries show them."""
+    return frozenset(f"{split}_{term}" for split in ("train", "val") for term in ABSENT_TERMS[kind])
+
+
 def write_history(rows: list[dict[str, float]], path: Path) -> None:
     """The learning curves, DVC-cached: every column but the timings (those go to MLflow only)."""
     text = io.StringIO(newline="")
@@ -308,7 +314,7 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
     run_params = _run_params(params, config, train_params, dev)
     datasets = {"training": prepared_dir / "train.pt", "validation": prepared_dir / "val.pt"}
     with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags,
-                             fingerprint[:16], ABSENT_TERMS[kind]) as parent:
+                             fingerprint[:16], absent_columns(kind)) as parent:
         state["parent_run_id"] = parent.run_id
         files.write_atomic(state_file, json.dumps(state))
         tasks = [SeedTask(config, train_params, seed, name, (checkpoint_dir / f"seed{seed}.pt").resolve(),
@@ -367,7 +373,7 @@ def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
         model.load_state_dict(saved["model"])
         history, run_id = saved["history"], saved["run_id"]
     else:
-        parent = tracking.ConfigRun(task.parent_run_id, task.experiment_id, ABSENT_TERMS[task.config.kind])
+        parent = tracking.ConfigRun(task.parent_run_id, task.experiment_id, absent_columns(task.config.kind))
         with parent.seed_run(f"{task.name}/seed{task.seed}", task.seed, saved and saved["run_id"], task.run_params,
                              task.tags, task.datasets, task.system_metrics) as run:
             history = fit(model, train, val, task.params, task.seed, run, task.checkpoint, saved, dev,
