@@ -537,9 +537,8 @@ def _pyfunc_class() -> type:
 
 
 def __getattr__(name: str):
-    if name == "DigitgenPyfunc":
-        if name not in globals():
-            globals()[name] = _pyfunc_class()
+    if name == "DigitgenPyfunc":  # built once: from then on the module's own attribute answers
+        globals()[name] = _pyfunc_class()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
