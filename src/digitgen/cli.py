@@ -189,9 +189,12 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
                         "beyond the study: beyond.latent_dims)")
 
 
+PREPARED = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}  # every --data
+
+
 def _judge_arguments(p: argparse.ArgumentParser) -> None:
     """What scoring reads: the prepared data, the separate classifier and torch-fidelity's feature cache."""
-    p.add_argument("--data", type=Path, default=Path("data/prepared"), help="the prepared split")
+    p.add_argument("--data", **PREPARED)
     p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"), help="the separate classifier")
     p.add_argument("--cache", type=Path, default=Path("fidelity_cache"),
                    help="torch-fidelity's cache of real-data features")
@@ -202,7 +205,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("--version", action="version", version=f"digitgen {importlib.metadata.version('digitgen')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of the commands above")
-    prepared = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}
 
     # Using a model
     images_help = "PNG files: 28 x 28 grayscale, or a row/grid of 28 x 28 tiles as generate writes"
@@ -245,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+",
                    help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
     p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
-    p.add_argument("--data", **prepared)
+    p.add_argument("--data", **PREPARED)
     p.add_argument("--out", type=Path, help="the models' folder (none given: models/<model>-<latent_dim>)")
     p.add_argument("--history", type=Path, help="the histories' folder (none given: histories/<model>-<latent_dim>)")
     p.add_argument("--checkpoints", type=Path,
@@ -255,11 +257,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples")
     p.add_argument("--models", type=Path,
                    help="the trained label CVAE's folder (none given: models/label_cvae-<latent_dim>)")
-    p.add_argument("--data", **prepared)
+    p.add_argument("--data", **PREPARED)
     p.add_argument("--out", type=Path, default=Path("results/label_cvae"), help="where the figures go")
 
     p = _command(sub, "classifier", _classifier, "stage classifier: the separate CNN that judges generated digits")
-    p.add_argument("--data", **prepared)
+    p.add_argument("--data", **PREPARED)
     p.add_argument("--out", type=Path, default=Path("models/classifier.pt"), help="the classifier's weights")
     p.add_argument("--metrics", type=Path, default=Path("results/classifier.json"), help="its test accuracy")
 
@@ -278,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"), help="the evaluations")
     p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
     p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
-    p.add_argument("--data", **prepared)
+    p.add_argument("--data", **PREPARED)
     p.add_argument("--reference", type=Path, default=Path("results/reference.json"),
                    help="the reference stage's points, for the companion table")
     p.add_argument("--out", type=Path, default=Path("results"), help="where the results go")
