@@ -16,11 +16,10 @@ import argparse
 import math
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from bench_data import training_data
 
-from digitgen.data import Digits, load_split
 from digitgen.models import build_model
 from digitgen.params import INPUT_MODES, load_params
 from digitgen.train import mode_probabilities, model_setup
@@ -34,11 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params("params.yaml")
-    if Path("data/prepared/train.pt").is_file():
-        train = load_split("data/prepared", "train")
-    else:
-        train = Digits(torch.randint(0, 256, (params.data.train_size, 28, 28), dtype=torch.uint8),
-                       torch.randint(0, 10, (params.data.train_size,)))
+    train, _ = training_data(params)
     images, labels = train.float_images(), train.labels
     contenders = {"cvae": model_setup(params, "cvae", args.latent_dim)}
     contenders.update({kind: model_setup(params, kind, args.latent_dim) for kind in params.beyond.models})

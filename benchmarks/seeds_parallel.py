@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 import torch
+from bench_data import training_data
 
-from digitgen.data import Digits, load_split
 from digitgen.models import ModelConfig, build_model
 from digitgen.params import load_params
 from digitgen.train import fit
@@ -34,22 +34,11 @@ class Quiet:
         pass
 
 
-def _data(params):
-    if Path("data/prepared/train.pt").is_file() and params.data.train_size == len(load_split("data/prepared", "train")):
-        return load_split("data/prepared", "train"), load_split("data/prepared", "val")
-    generator = torch.Generator().manual_seed(0)
-    n = params.data.train_size + params.data.val_size
-    digits = Digits(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-                    torch.randint(0, 10, (n,), generator=generator))
-    cut = params.data.train_size
-    return Digits(digits.images[:cut], digits.labels[:cut]), Digits(digits.images[cut:], digits.labels[cut:])
-
-
 def _worker(args, threads: int, seeds: list[int], start, seconds) -> None:
     torch.set_num_threads(threads)
     params = load_params(args.params)
     train_params = dataclasses.replace(params.train, epochs=args.epochs)
-    train, val = _data(params)
+    train, val = training_data(params)
     start.wait()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:  # each process its own checkpoint path

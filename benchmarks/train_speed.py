@@ -27,11 +27,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_data import training_data
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from digitgen.data import Digits, load_split
+from digitgen.data import Digits
 from digitgen.models import ModelConfig, build_model
 from digitgen.params import INPUT_MODES, load_params
 from digitgen.train import fit, mode_probabilities, validation_losses
@@ -150,12 +151,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     params = load_params("params.yaml")
-    if Path("data/prepared/train.pt").is_file():
-        train, val = load_split("data/prepared", "train"), load_split("data/prepared", "val")
-    else:
-        train = Digits(torch.randint(0, 256, (params.data.train_size, 28, 28), dtype=torch.uint8),
-                       torch.randint(0, 10, (params.data.train_size,)))
-        val = Digits(train.images[: params.data.val_size], train.labels[: params.data.val_size])
+    train, val = training_data(params)
     config = ModelConfig(args.model, args.latent_dim, params.model.hidden_dim)
     batch_size = params.train.batch_size
     train_loader = DataLoader(TensorDataset(train.float_images(), train.labels), batch_size=batch_size, shuffle=True)
