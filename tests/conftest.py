@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import socket
 import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,23 @@ from digitgen.params import parse_params
 REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 LOOPBACK = "127.0.0.1"  # every server a test starts binds here
+BIN = Path(sys.executable).parent  # this environment's `dvc`, `digitgen` and `mlflow`
+GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
+                "GIT_COMMITTER_EMAIL": "test@example.com"}  # for the commits a test makes
+
+
+def command_env(**extra: str) -> dict[str, str]:
+    """The environment for a command a test starts: this one, with BIN first on PATH (a stage's `digitgen`,
+    MLflow's `uvicorn`), plus `extra`."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` is running: it exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def free_port() -> int:

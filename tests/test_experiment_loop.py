@@ -10,7 +10,6 @@ keep one (`dvc exp apply`, `dvc exp branch`), reproduce one configuration, and s
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, copy_from_repo
+from conftest import GIT_IDENTITY, REPO, command_env, copy_from_repo
 from digitgen.data import MIRROR_ENV
 
 SMOKE = "pipelines/smoke"
@@ -44,15 +43,8 @@ def _merge(tree: dict, changes: dict) -> dict:
     return tree
 
 
-def _env() -> dict:
-    bindir = str(Path(sys.executable).parent)  # the environment's `dvc` and `digitgen`
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "MLFLOW_DISABLE_TELEMETRY": "true",
-            "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.com"}
-
-
 def run(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=_env(), capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, env=command_env(MLFLOW_DISABLE_TELEMETRY="true", **GIT_IDENTITY), capture_output=True, text=True)
     if check:
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done

@@ -4,7 +4,6 @@ non-zero exit and nothing half-written; a re-run after the fix resumes where the
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -22,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO, params_raw
+from conftest import REPO, alive, command_env, params_raw
 from digitgen import tracking
 from digitgen import train as train_module
 from digitgen.cli import main
@@ -31,8 +30,6 @@ from digitgen.models import load_model, save_model
 from digitgen.params import load_params, parse_params
 from digitgen.tracking import TrackingError
 from digitgen.train import DivergenceError, read_history, run_train
-
-BIN = Path(sys.executable).parent  # the environment's `digitgen` and `dvc`
 
 
 def _params(**sections):
@@ -111,8 +108,7 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
                      label_cvae={"latent_dim": 2})  # dvc.yaml names its stages from it
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     repro = [sys.executable, "-m", "dvc", "repro", "--single-item", "train@cae-4"]  # the data is there already
 
     dvc = subprocess.Popen(repro, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -125,9 +121,9 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
     dvc.send_signal(signal.SIGTERM)  # what `kill <pid>` or a CI timeout sends; DVC passes nothing on to its stage
     dvc.wait(60)
     deadline = time.monotonic() + 60
-    while _alive(trainer) and time.monotonic() < deadline:
+    while alive(trainer) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(trainer)  # no orphaned trainer left writing to the checkpoints
+    assert not alive(trainer)  # no orphaned trainer left writing to the checkpoints
     saved = torch.load(checkpoint, weights_only=True)
     assert 1 <= len(saved["history"]) < epochs  # the last finished epoch kept, training not finished
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
@@ -141,14 +137,6 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
 
     straight = _fit_uninterrupted(load_params(root / "params.yaml"), prepared_dir, "cae", tmp_path / "straight.pt")
     assert _same_weights(root / "models" / "cae-4" / "seed0.pt", straight)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return not Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
 
 
 KILLED_IN_THE_SECOND_CHECKPOINT_WRITE = """

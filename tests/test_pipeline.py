@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import copy_from_repo
+from conftest import command_env, copy_from_repo
 from digitgen.data import MIRROR_ENV
 
 COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]
@@ -27,9 +26,8 @@ def repo_copy(tmp_path, mnist_dir, monkeypatch) -> Path:
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    bindir = str(Path(sys.executable).parent)  # the environment's `digitgen` for the stage commands
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"]}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=command_env(), capture_output=True,
+                          text=True)
 
 
 def test_repro_downloads_splits_then_does_nothing_and_a_seed_change_reruns_only_split(repo_copy):

@@ -17,7 +17,7 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import make_params, params_raw
+from conftest import alive, make_params, params_raw
 from digitgen.models import load_model
 from digitgen.params import DigitgenError
 from digitgen.train import run_train
@@ -81,13 +81,6 @@ def _children(pid: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_runs_killed_and_leaves_no_orphan(
         prepared_dir, tmp_path, mlflow_store):
     epochs = 5000  # a tiny epoch takes ~0.1 s: a worker cannot finish while a loaded machine still starts the other
@@ -106,9 +99,9 @@ def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_ru
     trainer.send_signal(signal.SIGTERM)
     assert trainer.wait(60) != 0
     deadline = time.monotonic() + 30
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
+    while any(map(alive, workers)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not any(map(_alive, workers))  # no worker left training
+    assert not any(map(alive, workers))  # no worker left training
     client = MlflowClient(mlflow_store)
     for checkpoint in checkpoints:
         saved = torch.load(checkpoint, weights_only=True)

@@ -10,14 +10,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+from conftest import LOOPBACK, command_env, free_port
 import digitgen
-from conftest import LOOPBACK, free_port
 from digitgen.serving import request_frame
 
 START_SECONDS = 180  # a fresh process imports MLflow and torch and loads the model: slow on a busy CPU
@@ -35,8 +34,7 @@ def _answers_ping(port: int) -> bool:
 def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mnist_subset, tmp_path):
     trained = trained_models["cvae"]
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": trained.tracking_uri, "MLFLOW_DISABLE_TELEMETRY": "true",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # MLflow execs the env's uvicorn
+    env = command_env(MLFLOW_TRACKING_URI=trained.tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")  # the env's uvicorn
     log = tmp_path / "serve.log"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/cvae-4-seed0",
                "--env-manager", "local", "--host", LOOPBACK, "--port", str(port)]

@@ -18,11 +18,9 @@ import requests
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import copy_from_repo, free_port, make_params, params_raw
+from conftest import BIN, GIT_IDENTITY, command_env, copy_from_repo, free_port, make_params, params_raw
 from digitgen.data import MIRROR_ENV
 from digitgen.train import run_train
-
-BIN = Path(sys.executable).parent  # the environment's `dvc`, `digitgen` and `mlflow`
 
 
 @pytest.fixture
@@ -37,8 +35,7 @@ def start_server(tmp_path):
                                    "--workers", "1", "--backend-store-uri", backend_uri,
                                    "--artifacts-destination", (tmp_path / "artifacts").as_uri()],
                                   stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-                                       "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # one process fewer
+                                  env=command_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # one process fewer
         servers.append((server, log))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300  # seconds on an idle machine, minutes on a loaded one
@@ -64,10 +61,7 @@ def _runs(url: str, experiment: str) -> list:
 
 
 def _env(url: str, mnist_dir: Path) -> dict:
-    return {**os.environ, "MLFLOW_TRACKING_URI": url, MIRROR_ENV: str(mnist_dir),
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "GIT_AUTHOR_NAME": "test",
-            "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-            "GIT_COMMITTER_EMAIL": "test@example.com"}
+    return command_env(MLFLOW_TRACKING_URI=url, **{MIRROR_ENV: str(mnist_dir)}, **GIT_IDENTITY)
 
 
 def test_the_pipeline_and_two_queued_experiments_at_once_log_every_run_once_to_a_shared_server(
