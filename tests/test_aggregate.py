@@ -6,11 +6,13 @@ import json
 import uuid
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from digitgen import figures
 from digitgen.aggregate import (BEYOND_BLOCK, REFERENCE_POINTS, TABLE_COLUMNS, best_configs, champion_decision,
-                                champion_seed, configurations, display_table, fidelity_table, headline,
+                                champion_seed, configurations, display_table, environment, fidelity_table,
+                                headline,
                                 load_evaluations, log_parent_runs, mean_curves, numeric_table, study_configurations,
                                 summarize, update_champion, with_beyond_block, write_figures)
 from digitgen.params import DigitgenError, ParamsError
@@ -222,3 +224,20 @@ def test_a_champion_measured_under_other_settings_is_not_compared():
     move, why = champion_decision("fid", 5.0, current, {"evaluate.n_generated": "200"}, "", False)
     assert not move and "other settings" in why and "registry.force_champion" in why
     assert champion_decision("gen_accuracy", 0.9, {**current, "value": 0.8}, current["settings"], "", False)[0]
+
+
+def test_the_environment_names_what_bit_identical_reproduction_needs(monkeypatch):
+    """results/environment.json: rerunning on the same torch, CPU kernels and threads reproduces the numbers
+    bit for bit; it is read from this process, so another thread count shows as one."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        env = environment(make_params(execution={"executor": "processes", "workers": 3}))
+    finally:
+        torch.set_num_threads(threads)
+    assert env["torch_threads"] == 1
+    assert env["torch"] == torch.__version__
+    assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert env["cpu"] and env["cpu_count"] >= 1
+    assert env["execution"] == {"executor": "processes", "workers": 3, "threads": None}
+    json.dumps(env)  # written as JSON beside the results

@@ -12,6 +12,9 @@ evaluate stage) and writes, under results/:
   curves/<config>.csv     validation BCE and label accuracy per epoch, mean over seeds (dvc.yaml's top-level
                           plots draw CAE against CVAE from them)
   figures/*.png           loss curves per latent size, reconstruction and generation grids per model
+  champion.json           the champion of these results (the best seed of the best joint model): its file under
+                          models/, which a clone that pulled the models loads without this MLflow store
+  environment.json        what computed them: torch, CPU model and the kernels torch picks for it, threads
 and, in MLflow: each configuration's parent run gets the mean and std over seeds of Table 1's metrics and
 of the final epoch's losses; a `summary` run holds the table and figures; the best seed of the best
 configuration is registered, and `@champion` moves to it only when it is better (see `champion_decision`).
@@ -20,6 +23,8 @@ configuration is registered, and `@champion` moves to it only when it is better 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
 from importlib import resources
 from pathlib import Path
@@ -362,6 +367,30 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
     return written
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else what the platform module knows."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
+def environment(params: Params) -> dict:
+    """The software and machine behind the results. A rerun reproduces them bit for bit with the same torch,
+    CPU kernels (`cpu_capability`: torch's AVX512, AVX2, ... dispatch) and threads per training, and within the
+    seeds' spread otherwise (README: Reproducing on another machine). Written by the stage that computes the
+    table, in the same `dvc repro` as training on a single machine; `torch_threads` is this process's, which
+    the local executor trains with unless `execution.threads` says otherwise."""
+    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "execution": {"executor": params.execution.executor, "workers": params.execution.workers,
+                          "threads": params.execution.threads}}
+
+
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
                   reference_path: Path, out_dir: Path) -> pd.DataFrame:
     configs = configurations(params)
@@ -371,6 +400,7 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(summary, out_dir / "summary.json")
     write_json(headline(summary), out_dir / "metrics.json")
+    write_json(environment(params), out_dir / "environment.json")
     for config, frame in mean_curves(study_configurations(params), Path(histories_dir)).items():
         write_atomic(out_dir / "curves" / f"{config}.csv", frame.to_csv(float_format="%.6g"))
     frame, numbers = display_table(summary), numeric_table(summary)
@@ -400,6 +430,8 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
     config, seed = champion_seed(summary, evaluations, study_configurations(params) + beyond_configurations(params),
                                  metric)
     model_file = Path(models_dir) / config / f"seed{seed}.pt"
+    write_json({"config": config, "seed": int(seed), "model": model_file.as_posix(),
+                metric: evaluations[config][seed][metric]}, out_dir / "champion.json")
     try:
         decision = update_champion(params, config, seed, evaluations[config][seed], model_file)
     except tracking.TrackingError as err:  # a model whose training run is not in this store has nothing to register
