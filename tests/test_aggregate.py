@@ -11,8 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from digitgen import figures
 from digitgen.aggregate import (BEYOND_BLOCK, REFERENCE_POINTS, TABLE_COLUMNS, best_configs, champion_decision,
-                                champion_seed, configurations, display_table, environment, fidelity_table,
-                                headline,
+                                champion_seed, configurations, display_table, environment, fidelity_table, headline,
                                 load_evaluations, log_parent_runs, mean_curves, numeric_table, study_configurations,
                                 summarize, update_champion, with_beyond_block, write_figures)
 from digitgen.params import DigitgenError, ParamsError
@@ -226,7 +225,7 @@ def test_a_champion_measured_under_other_settings_is_not_compared():
     assert champion_decision("gen_accuracy", 0.9, {**current, "value": 0.8}, current["settings"], "", False)[0]
 
 
-def test_the_environment_names_what_bit_identical_reproduction_needs(monkeypatch):
+def test_the_environment_names_what_bit_identical_reproduction_needs():
     """results/environment.json: rerunning on the same torch, CPU kernels and threads reproduces the numbers
     bit for bit; it is read from this process, so another thread count shows as one."""
     threads = torch.get_num_threads()

@@ -44,7 +44,8 @@ def _merge(tree: dict, changes: dict) -> dict:
 
 
 def run(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=command_env(MLFLOW_DISABLE_TELEMETRY="true", **GIT_IDENTITY), capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, env=command_env(MLFLOW_DISABLE_TELEMETRY="true", **GIT_IDENTITY),
+                          capture_output=True, text=True)
     if check:
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done

@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import sys
+from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
 
@@ -387,8 +388,7 @@ def environment(params: Params) -> dict:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "execution": {"executor": params.execution.executor, "workers": params.execution.workers,
-                          "threads": params.execution.threads}}
+            "execution": asdict(params.execution)}
 
 
 def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
