@@ -21,7 +21,9 @@ def training_data(params: Params) -> tuple[Digits, Digits]:
             return train, load_split(PREPARED, "val")
     generator = torch.Generator().manual_seed(0)
     n = params.data.train_size + params.data.val_size
-    digits = Digits(torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
-                    torch.randint(0, 10, (n,), generator=generator))
+    digits = Digits(
+        torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=generator),
+        torch.randint(0, 10, (n,), generator=generator),
+    )
     cut = params.data.train_size
     return Digits(digits.images[:cut], digits.labels[:cut]), Digits(digits.images[cut:], digits.labels[cut:])

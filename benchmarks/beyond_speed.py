@@ -62,9 +62,11 @@ def main() -> None:
         batches_per_epoch = math.ceil(len(labels) / train_params.batch_size)
         median = statistics.median(per_batch)
         per_seed[kind] = median * batches_per_epoch * train_params.epochs
-        print(f"{kind}-{args.latent_dim:<4} {median * 1000:7.1f} ms/batch  {median * batches_per_epoch:7.1f} s/epoch  "
-              f"x {train_params.epochs} epochs = {per_seed[kind] / 60:6.1f} min/seed  "
-              f"({per_seed[kind] / per_seed['cvae']:.2f}x CVAE-{args.latent_dim})")
+        print(
+            f"{kind}-{args.latent_dim:<4} {median * 1000:7.1f} ms/batch  {median * batches_per_epoch:7.1f} s/epoch  "
+            f"x {train_params.epochs} epochs = {per_seed[kind] / 60:6.1f} min/seed  "
+            f"({per_seed[kind] / per_seed['cvae']:.2f}x CVAE-{args.latent_dim})"
+        )
 
 
 if __name__ == "__main__":

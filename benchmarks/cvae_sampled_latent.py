@@ -41,8 +41,10 @@ def main() -> None:
         models = [load_model(p).eval() for p in sorted(folder.glob("seed*.pt"))]
         mean_z = torch.tensor([scores(m, images, labels, sample=False) for m in models]).mean(0)
         sampled_z = torch.tensor([scores(m, images, labels, sample=True) for m in models]).mean(0)
-        print(f"{folder.name:10} {len(models):5}  {mean_z[0]:13.2f}  {sampled_z[0]:16.2f}  {mean_z[1]:17.4f}  "
-              f"{sampled_z[1]:20.4f}")
+        print(
+            f"{folder.name:10} {len(models):5}  {mean_z[0]:13.2f}  {sampled_z[0]:16.2f}  {mean_z[1]:17.4f}  "
+            f"{sampled_z[1]:20.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -43,34 +43,55 @@ def main() -> None:
         classifier = tmp / "classifier.pt"
         started = time.perf_counter()
         metrics = run_classifier(params.classifier, args.data, classifier, tmp / "classifier.json")
-        print(f"classifier stage: {time.perf_counter() - started:.1f} s "
-              f"(test accuracy {metrics['test_accuracy']:.4f}, {params.classifier.epochs} epochs)")
+        print(
+            f"classifier stage: {time.perf_counter() - started:.1f} s "
+            f"(test accuracy {metrics['test_accuracy']:.4f}, {params.classifier.epochs} epochs)"
+        )
 
     started = time.perf_counter()
     reference = run_reference(params.evaluate, classifier, args.data, tmp / "reference.json", tmp / "cache")
-    print(f"reference stage, cold cache: {time.perf_counter() - started:.1f} s "
-          f"(fid {reference['fid']:.3f}, inception_score {reference['inception_score']:.3f}, "
-          f"gen_accuracy {reference['gen_accuracy']:.4f})")
+    print(
+        f"reference stage, cold cache: {time.perf_counter() - started:.1f} s "
+        f"(fid {reference['fid']:.3f}, inception_score {reference['inception_score']:.3f}, "
+        f"gen_accuracy {reference['gen_accuracy']:.4f})"
+    )
 
     models = args.models
     if models is None:
         one_epoch = dataclasses.replace(params, train=dataclasses.replace(params.train, epochs=1))
         models = [tmp / "models" / f"{kind}-8" for kind in ("cae", "cvae")]
         for folder in models:
-            run_train(one_epoch, folder.name.split("-")[0], 8, args.data, folder, tmp / "histories" / folder.name,
-                      tmp / "checkpoints" / folder.name)
+            run_train(
+                one_epoch,
+                folder.name.split("-")[0],
+                8,
+                args.data,
+                folder,
+                tmp / "histories" / folder.name,
+                tmp / "checkpoints" / folder.name,
+            )
 
     for folder in map(Path, models):
         kind, latent_dim = folder.name.split("-")
         started = time.perf_counter()
-        evaluation = ConfigEvaluation.load(params.evaluate, params.tracking.experiment, kind, int(latent_dim), folder,
-                                           classifier, args.data, tmp / "cache")
+        evaluation = ConfigEvaluation.load(
+            params.evaluate,
+            params.tracking.experiment,
+            kind,
+            int(latent_dim),
+            folder,
+            classifier,
+            args.data,
+            tmp / "cache",
+        )
         print(f"{folder.name}: setup (classifier, data) {time.perf_counter() - started:.1f} s")
         for seed in evaluation.seeds():
             started = time.perf_counter()
             evaluation.evaluate(seed)
-            print(f"{folder.name} seed{seed}: {time.perf_counter() - started:.1f} s per seed evaluation "
-                  f"({params.evaluate.n_generated} generated, {params.evaluate.sampler} sampler)")
+            print(
+                f"{folder.name} seed{seed}: {time.perf_counter() - started:.1f} s per seed evaluation "
+                f"({params.evaluate.n_generated} generated, {params.evaluate.sampler} sampler)"
+            )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Each regression is a one-line mistake a contributor could make in the study's models or training loop. For
 each, a clone of the committed repository gets the mistake, reproduces the smoke pipeline's study
 configurations up to their evaluation (sharing this repository's DVC cache, so the data and the classifier
-are restored, not rerun) and runs the gate's comparison against pipelines/smoke/baseline.json for them. Prints a table: regression, the checks that failed and the metrics
+are restored, not rerun) and runs the gate's comparison against pipelines/smoke/baseline.json for them.
+Prints a table: regression, the checks that failed and the metrics
 that moved most, caught or not. Exits 1 when a regression went uncaught. Needs the smoke pipeline's
 outputs in the DVC cache (run `uv run dvc repro pipelines/smoke/dvc.yaml` once first).
 """
@@ -50,18 +51,37 @@ class Regression:
 # 2026-12-03, it moved no metric past its tolerance: the latent carries the digit anyway,
 # and a head on features trained without it classifies about as well. No metric gate can see it.
 REGRESSIONS = [
-    Regression("kl_dropped", "the CVAE's KL term left out of the loss", "src/digitgen/models.py",
-               "return Losses(bce + nll + kl, bce, nll, kl)", "return Losses(bce + nll, bce, nll, kl)"),
-    Regression("kl_doubled", "the KL term counted twice", "src/digitgen/models.py",
-               "return Losses(bce + nll + kl, bce, nll, kl)", "return Losses(bce + nll + 2 * kl, bce, nll, kl)"),
-    Regression("image_mode_untrained", "the image-only input mode fed the digit too (never trained alone)",
-               "src/digitgen/models.py",
-               'out = self(images if input_mode != "digit" else None, digits if input_mode != "image" else None)',
-               'out = self(images if input_mode != "digit" else None, digits)'),
-    Regression("lr_tenth", "the learning rate ten times lower", "src/digitgen/train.py",
-               "lr=params.lr", "lr=params.lr / 10"),
-    Regression("output_tanh", "generated images through tanh instead of the sigmoid", "src/digitgen/models.py",
-               "return self.decoder(z)[0].sigmoid()", "return self.decoder(z)[0].tanh()"),
+    Regression(
+        "kl_dropped",
+        "the CVAE's KL term left out of the loss",
+        "src/digitgen/models.py",
+        "return Losses(bce + nll + kl, bce, nll, kl)",
+        "return Losses(bce + nll, bce, nll, kl)",
+    ),
+    Regression(
+        "kl_doubled",
+        "the KL term counted twice",
+        "src/digitgen/models.py",
+        "return Losses(bce + nll + kl, bce, nll, kl)",
+        "return Losses(bce + nll + 2 * kl, bce, nll, kl)",
+    ),
+    Regression(
+        "image_mode_untrained",
+        "the image-only input mode fed the digit too (never trained alone)",
+        "src/digitgen/models.py",
+        'out = self(images if input_mode != "digit" else None, digits if input_mode != "image" else None)',
+        'out = self(images if input_mode != "digit" else None, digits)',
+    ),
+    Regression(
+        "lr_tenth", "the learning rate ten times lower", "src/digitgen/train.py", "lr=params.lr", "lr=params.lr / 10"
+    ),
+    Regression(
+        "output_tanh",
+        "generated images through tanh instead of the sigmoid",
+        "src/digitgen/models.py",
+        "return self.decoder(z)[0].sigmoid()",
+        "return self.decoder(z)[0].tanh()",
+    ),
 ]
 
 
@@ -77,8 +97,10 @@ def inject(regression: Regression, root: Path) -> None:
     path = root / regression.file
     text = path.read_text()
     if text.count(regression.old) != 1:
-        raise SystemExit(f"{regression.name}: `{regression.old}` occurs {text.count(regression.old)} times in "
-                         f"{regression.file}, not once; update REGRESSIONS in {Path(__file__).name} to the code")
+        raise SystemExit(
+            f"{regression.name}: `{regression.old}` occurs {text.count(regression.old)} times in "
+            f"{regression.file}, not once; update REGRESSIONS in {Path(__file__).name} to the code"
+        )
     path.write_text(text.replace(regression.old, regression.new))
 
 
@@ -92,13 +114,18 @@ def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
     """Clone the committed code, inject, `dvc repro` the smoke study's evaluations; their summary and the wall time."""
     root = workdir / regression.name
     bindir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bindir + os.pathsep + os.environ["PATH"], "OMP_NUM_THREADS": str(threads),
-           "PYTHONPATH": str(root / "src"),  # the clone's (injected) code, not the environment's editable install
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
+    env = {
+        **os.environ,
+        "PATH": bindir + os.pathsep + os.environ["PATH"],
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONPATH": str(root / "src"),  # the clone's (injected) code, not the environment's editable install
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    }
     started = time.perf_counter()
     with open(workdir / f"{regression.name}.log", "w") as log:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                                check=True).stdout.strip()  # this checkout's commit (a worktree's too)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()  # this checkout's commit (a worktree's too)
         _run(["git", "clone", "-q", "--shared", "--no-checkout", str(REPO), str(root)], workdir, env, log)
         _run(["git", "checkout", "-q", commit], root, env, log)
         inject(regression, root)
@@ -107,8 +134,10 @@ def reproduce(regression: Regression, workdir: Path, threads: int) -> dict:
         _run([*dvc, "checkout", "-q", f"{SMOKE}/dvc.yaml"], root, env, log)
         configs = study_configurations()
         _run([*dvc, "repro", *(f"{SMOKE}/dvc.yaml:evaluate@{c}" for c in configs)], root, env, log)
-    return {"summary": summarize(load_evaluations(root / SMOKE / "results" / "evaluation", configs)),
-            "seconds": time.perf_counter() - started}
+    return {
+        "summary": summarize(load_evaluations(root / SMOKE / "results" / "evaluation", configs)),
+        "seconds": time.perf_counter() - started,
+    }
 
 
 def describe(regression: Regression, summary: dict) -> dict:
@@ -116,19 +145,27 @@ def describe(regression: Regression, summary: dict) -> dict:
     verdicts = compare(baseline, summary, load_thresholds(REPO / SMOKE / "thresholds.yaml"))
     failed = [v for v in verdicts if v.failed]
     # the largest moves, in units of each check's tolerance
-    moved = sorted(failed, key=lambda v: -abs((v.new if v.new is not None else 0) - v.baseline)
-                   / max(abs(v.baseline - v.allowed), 1e-12))
-    return {"regression": regression.name, "what": regression.what,
-            "checks failed": f"{len(failed)}/{len(verdicts)}",
-            "metrics that moved most": "; ".join(f"{v.configuration} {v.metric} {v.baseline:.3g}->"
-                                                  f"{'-' if v.new is None else f'{v.new:.3g}'}" for v in moved[:3]),
-            "caught": "yes" if failed else "NO"}
+    moved = sorted(
+        failed,
+        key=lambda v: -abs((v.new if v.new is not None else 0) - v.baseline) / max(abs(v.baseline - v.allowed), 1e-12),
+    )
+    return {
+        "regression": regression.name,
+        "what": regression.what,
+        "checks failed": f"{len(failed)}/{len(verdicts)}",
+        "metrics that moved most": "; ".join(
+            f"{v.configuration} {v.metric} {v.baseline:.3g}->{'-' if v.new is None else f'{v.new:.3g}'}"
+            for v in moved[:3]
+        ),
+        "caught": "yes" if failed else "NO",
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", help="regressions to inject (default: all): "
-                        + ", ".join(r.name for r in REGRESSIONS))
+    parser.add_argument(
+        "names", nargs="*", help="regressions to inject (default: all): " + ", ".join(r.name for r in REGRESSIONS)
+    )
     parser.add_argument("--jobs", type=int, default=1, help="regressions reproduced at once (default: %(default)s)")
     parser.add_argument("--workdir", type=Path, default=None, help="where the clones go (default: a temporary folder)")
     args = parser.parse_args()
@@ -156,7 +193,10 @@ def main() -> None:
     print()
     print(pd.DataFrame(rows).to_markdown(index=False))
     missed = [r["regression"] for r in rows if r["caught"] != "yes"]
-    print(f"\n{len(rows) - len(missed)} of {len(rows)} regressions caught" + (f"; missed: {', '.join(missed)}" if missed else ""))
+    print(
+        f"\n{len(rows) - len(missed)} of {len(rows)} regressions caught"
+        + (f"; missed: {', '.join(missed)}" if missed else "")
+    )
     sys.exit(1 if missed else 0)
 
 

@@ -34,9 +34,16 @@ def main() -> None:
         for metric in GATED:
             if metric in seeds:
                 std = seeds[metric].std(ddof=1)
-                rows.append({"configuration": path.stem, "metric": metric, "seeds": len(seeds),
-                             "mean": seeds[metric].mean(), "std": std,
-                             "relative_std": std / abs(seeds[metric].mean())})
+                rows.append(
+                    {
+                        "configuration": path.stem,
+                        "metric": metric,
+                        "seeds": len(seeds),
+                        "mean": seeds[metric].mean(),
+                        "std": std,
+                        "relative_std": std / abs(seeds[metric].mean()),
+                    }
+                )
     frame = pd.DataFrame(rows)
     summary = []
     for metric in GATED:
@@ -44,11 +51,18 @@ def main() -> None:
         kind = "rel" if metric in RELATIVE else "abs"
         spread = of_metric["relative_std" if kind == "rel" else "std"].max()
         of_mean = spread / math.sqrt(args.gate_seeds)
-        summary.append({"metric": metric, "kind": kind, "max std over seeds": round(spread, 4),
-                        f"std of a {args.gate_seeds}-seed mean": round(of_mean, 4),
-                        f"tolerance ({args.sigmas:g} sigma)": round(args.sigmas * of_mean, 4),
-                        "worst configuration": of_metric.loc[of_metric[
-                            "relative_std" if kind == "rel" else "std"].idxmax(), "configuration"]})
+        summary.append(
+            {
+                "metric": metric,
+                "kind": kind,
+                "max std over seeds": round(spread, 4),
+                f"std of a {args.gate_seeds}-seed mean": round(of_mean, 4),
+                f"tolerance ({args.sigmas:g} sigma)": round(args.sigmas * of_mean, 4),
+                "worst configuration": of_metric.loc[
+                    of_metric["relative_std" if kind == "rel" else "std"].idxmax(), "configuration"
+                ],
+            }
+        )
     print(frame.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print()
     print(pd.DataFrame(summary).to_string(index=False))

@@ -72,8 +72,9 @@ def study_flops(config: ModelConfig, train: Digits, val: Digits, train_params) -
     """Matmul FLOPs of one epoch of `fit`: (training at the input modes' expected mix, validation)."""
     model = build_model(config)
     images, digits = train.float_images()[: train_params.batch_size], train.labels[: train_params.batch_size]
-    per_batch = {mode: counted_flops(lambda mode=mode: model.loss(images, digits, mode).total.backward())
-                 for mode in INPUT_MODES}
+    per_batch = {
+        mode: counted_flops(lambda mode=mode: model.loss(images, digits, mode).total.backward()) for mode in INPUT_MODES
+    }
     training = sum(p * per_batch[mode] for mode, p in mode_probabilities(train_params.input_modes).items())
     validation = counted_flops(lambda: validation_losses(model, val.float_images(), val.labels, train_params, 0))
     return round(training * len(train) / train_params.batch_size), validation
@@ -83,8 +84,18 @@ def study_epoch(config: ModelConfig, train: Digits, val: Digits, train_params, c
     """One epoch of `fit` (validation and checkpoint included), from a freshly built model."""
     torch.manual_seed(0)
     model = build_model(config)
-    fit(model, train, val, dataclasses.replace(train_params, epochs=1), 0, Quiet(), checkpoint, None,
-        torch.device("cpu"), "benchmark")
+    fit(
+        model,
+        train,
+        val,
+        dataclasses.replace(train_params, epochs=1),
+        0,
+        Quiet(),
+        checkpoint,
+        None,
+        torch.device("cpu"),
+        "benchmark",
+    )
 
 
 class PeerVAE(nn.Module):
@@ -169,23 +180,35 @@ def main() -> None:
                 with timed(theirs):
                     peer_epoch(train_loader, test_loader, params.train.lr)
 
-    print(f"threads {args.threads}; fastest of {args.repeats} repeats; an epoch is {len(train)} training images, "
-          f"then {len(val)} validation")
-    print(f"matmul peak (fp32, 2048x2048): {matmul_flops / peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
-          f"{matmul_flops / peak['cpu'] / 1e9:.1f} GFLOP/s per CPU-second")
+    print(
+        f"threads {args.threads}; fastest of {args.repeats} repeats; an epoch is {len(train)} training images, "
+        f"then {len(val)} validation"
+    )
+    print(
+        f"matmul peak (fp32, 2048x2048): {matmul_flops / peak['wall'] / 1e9:.1f} GFLOP/s wall-clock, "
+        f"{matmul_flops / peak['cpu'] / 1e9:.1f} GFLOP/s per CPU-second"
+    )
     print(f"{'':34} {'GFLOP':>6} {'wall s':>7} {'of peak':>8} {'CPU s':>7} {'of peak':>8}")
     rows = [(f"digitgen {args.model}-{args.latent_dim} (fit)", ours, ours_flops)]
     if not args.no_peer:
         rows.append(("pytorch/examples vae (784-400-20)", theirs, theirs_flops))
     for name, seconds, (training, validation) in rows:
         flops = training + validation
-        print(f"{name:34} {flops / 1e9:6.0f} " + " ".join(
-            f"{seconds[clock]:7.2f} {flops / seconds[clock] / (matmul_flops / peak[clock]):8.0%}"
-            for clock in ("wall", "cpu")))
+        print(
+            f"{name:34} {flops / 1e9:6.0f} "
+            + " ".join(
+                f"{seconds[clock]:7.2f} {flops / seconds[clock] / (matmul_flops / peak[clock]):8.0%}"
+                for clock in ("wall", "cpu")
+            )
+        )
     if not args.no_peer:
-        print("efficiency, digitgen over the peer: " + ", ".join(
-            f"{(sum(ours_flops) / ours[clock]) / (sum(theirs_flops) / theirs[clock]):.2f}x {clock}"
-            for clock in ("wall", "cpu")))
+        print(
+            "efficiency, digitgen over the peer: "
+            + ", ".join(
+                f"{(sum(ours_flops) / ours[clock]) / (sum(theirs_flops) / theirs[clock]):.2f}x {clock}"
+                for clock in ("wall", "cpu")
+            )
+        )
 
 
 if __name__ == "__main__":

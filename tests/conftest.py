@@ -22,8 +22,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_MNIST = REPO.parent / "shared" / "mnist"
 LOOPBACK = "127.0.0.1"  # every server a test starts binds here
 BIN = Path(sys.executable).parent  # this environment's `dvc`, `digitgen` and `mlflow`
-GIT_IDENTITY = {"GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "test",
-                "GIT_COMMITTER_EMAIL": "test@example.com"}  # for the commits a test makes
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test",
+    "GIT_AUTHOR_EMAIL": "test@example.com",
+    "GIT_COMMITTER_NAME": "test",
+    "GIT_COMMITTER_EMAIL": "test@example.com",
+}  # for the commits a test makes
 
 
 def command_env(**extra: str) -> dict[str, str]:
@@ -115,18 +119,53 @@ def params_raw(**sections) -> dict:
         "data": {"mirrors": ["unused"], "train_size": 1000, "val_size": 200, "test_size": 200, "split_seed": 0},
         "study": {"models": ["cae", "cvae"], "latent_dims": [4]},
         "model": {"hidden_dim": 32},
-        "train": {"seeds": [0], "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "cpu",
-                  "input_modes": {"image_digit": 1, "image": 1, "digit": 1}},
-        "beyond": {"models": ["pcvae"], "latent_dims": [4], "hidden_dim": 32, "channels": [4, 8], "label_weight": 50,
-                   "kl_warmup_epochs": 1,
-                   "train": {"seeds": [0], "epochs": 2, "batch_size": 64, "lr": 0.001, "device": "cpu",
-                             "input_modes": {"image_digit": 1, "image": 1, "digit": 1}}},
+        "train": {
+            "seeds": [0],
+            "epochs": 2,
+            "batch_size": 64,
+            "lr": 0.001,
+            "device": "cpu",
+            "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
+        },
+        "beyond": {
+            "models": ["pcvae"],
+            "latent_dims": [4],
+            "hidden_dim": 32,
+            "channels": [4, 8],
+            "label_weight": 50,
+            "kl_warmup_epochs": 1,
+            "train": {
+                "seeds": [0],
+                "epochs": 2,
+                "batch_size": 64,
+                "lr": 0.001,
+                "device": "cpu",
+                "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
+            },
+        },
         "tracking": {"experiment": "digitgen-test"},
         "registry": {"model_name": "digitgen-test", "champion_metric": "fid"},
-        "classifier": {"seed": 0, "epochs": 8, "batch_size": 32, "lr": 0.003, "channels": [8, 16], "kernel_size": 5,
-                       "feature_dim": 32, "min_test_accuracy": 0.5, "device": "cpu"},
-        "evaluate": {"n_generated": 200, "sampler": "study", "is_splits": 2, "batch_size": 100, "seed": 0,
-                     "inception_weights": None, "grid_columns": 4, "device": "cpu"},
+        "classifier": {
+            "seed": 0,
+            "epochs": 8,
+            "batch_size": 32,
+            "lr": 0.003,
+            "channels": [8, 16],
+            "kernel_size": 5,
+            "feature_dim": 32,
+            "min_test_accuracy": 0.5,
+            "device": "cpu",
+        },
+        "evaluate": {
+            "n_generated": 200,
+            "sampler": "study",
+            "is_splits": 2,
+            "batch_size": 100,
+            "seed": 0,
+            "inception_weights": None,
+            "grid_columns": 4,
+            "device": "cpu",
+        },
     }
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -166,8 +205,15 @@ def trained_models(tmp_path_factory, mnist_subset) -> dict[str, Trained]:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(root)  # MLflow's artifacts land beside the store
         for kind in ("cae", "cvae"):
-            runs = run_train(make_params(train={"epochs": 1}), kind, 4, prepared, root / "models" / kind,
-                             root / "histories" / kind, root / "checkpoints" / kind)
+            runs = run_train(
+                make_params(train={"epochs": 1}),
+                kind,
+                4,
+                prepared,
+                root / "models" / kind,
+                root / "histories" / kind,
+                root / "checkpoints" / kind,
+            )
             trained[kind] = Trained(root / "models" / kind / "seed0.pt", runs["seed_run_ids"]["0"], uri)
     return trained
 
@@ -178,8 +224,12 @@ def trained_classifier(tmp_path_factory, mnist_subset) -> Path:
     from digitgen.classifier import run_classifier
 
     root = tmp_path_factory.mktemp("classifier")
-    run_classifier(make_params().classifier, save_prepared(mnist_subset, root / "prepared"), root / "classifier.pt",
-                   root / "classifier.json")
+    run_classifier(
+        make_params().classifier,
+        save_prepared(mnist_subset, root / "prepared"),
+        root / "classifier.pt",
+        root / "classifier.json",
+    )
     return root / "classifier.pt"
 
 

@@ -7,26 +7,67 @@ import uuid
 
 import pytest
 import torch
+from conftest import make_params
 from mlflow.tracking import MlflowClient
 
 from digitgen import figures
-from digitgen.aggregate import (BEYOND_BLOCK, REFERENCE_POINTS, TABLE_COLUMNS, best_configs, champion_decision,
-                                champion_seed, configurations, display_table, environment, fidelity_table, headline,
-                                load_evaluations, log_parent_runs, mean_curves, numeric_table, study_configurations,
-                                summarize, update_champion, with_beyond_block, write_figures)
+from digitgen.aggregate import (
+    BEYOND_BLOCK,
+    REFERENCE_POINTS,
+    TABLE_COLUMNS,
+    best_configs,
+    champion_decision,
+    champion_seed,
+    configurations,
+    display_table,
+    environment,
+    fidelity_table,
+    headline,
+    load_evaluations,
+    log_parent_runs,
+    mean_curves,
+    numeric_table,
+    study_configurations,
+    summarize,
+    update_champion,
+    with_beyond_block,
+    write_figures,
+)
 from digitgen.params import DigitgenError, ParamsError
 
-from conftest import make_params
-
 SEEDS = {
-    "cae-8": {"0": {"gen_accuracy": 0.8, "fid": 30.0, "inception_score": 8.0, "classification_accuracy": 0.95,
-                    "reconstruction_error": 90.0},
-              "1": {"gen_accuracy": 0.9, "fid": 34.0, "inception_score": 9.0, "classification_accuracy": 0.97,
-                    "reconstruction_error": 80.0}},
-    "cvae-8": {"0": {"gen_accuracy": 0.7, "fid": 10.0, "inception_score": 7.0, "classification_accuracy": 0.93,
-                     "reconstruction_error": 100.0},
-               "1": {"gen_accuracy": 0.7, "fid": 12.0, "inception_score": 7.5, "classification_accuracy": 0.94,
-                     "reconstruction_error": 104.0}},
+    "cae-8": {
+        "0": {
+            "gen_accuracy": 0.8,
+            "fid": 30.0,
+            "inception_score": 8.0,
+            "classification_accuracy": 0.95,
+            "reconstruction_error": 90.0,
+        },
+        "1": {
+            "gen_accuracy": 0.9,
+            "fid": 34.0,
+            "inception_score": 9.0,
+            "classification_accuracy": 0.97,
+            "reconstruction_error": 80.0,
+        },
+    },
+    "cvae-8": {
+        "0": {
+            "gen_accuracy": 0.7,
+            "fid": 10.0,
+            "inception_score": 7.0,
+            "classification_accuracy": 0.93,
+            "reconstruction_error": 100.0,
+        },
+        "1": {
+            "gen_accuracy": 0.7,
+            "fid": 12.0,
+            "inception_score": 7.5,
+            "classification_accuracy": 0.94,
+            "reconstruction_error": 104.0,
+        },
+    },
 }
 
 
@@ -44,8 +85,13 @@ def test_a_single_seed_has_zero_std_not_nan():
 
 def test_best_follows_each_metrics_direction():
     best = best_configs(summarize(SEEDS))
-    assert best == {"gen_accuracy": "cae-8", "fid": "cvae-8", "inception_score": "cae-8",
-                    "classification_accuracy": "cae-8", "reconstruction_error": "cae-8"}
+    assert best == {
+        "gen_accuracy": "cae-8",
+        "fid": "cvae-8",
+        "inception_score": "cae-8",
+        "classification_accuracy": "cae-8",
+        "reconstruction_error": "cae-8",
+    }
 
 
 def test_table_marks_the_best_and_puts_the_paper_beside_ours():
@@ -68,15 +114,21 @@ def test_table_csv_holds_plain_numbers_beside_the_papers():
 
 
 def test_headline_metrics_hold_mean_and_std_of_the_five_table_metrics_only():
-    detailed = {config: {seed: {**values, "distinct_fraction": 0.1, "inception_score_std": 0.2}
-                         for seed, values in seeds.items()} for config, seeds in SEEDS.items()}
+    detailed = {
+        config: {
+            seed: {**values, "distinct_fraction": 0.1, "inception_score_std": 0.2} for seed, values in seeds.items()
+        }
+        for config, seeds in SEEDS.items()
+    }
     summary = summarize(detailed)
     heads = headline(summary)
     assert set(heads) == set(SEEDS)
     for config, metrics in heads.items():
         assert set(metrics) == set(TABLE_COLUMNS)  # no per-seed, n or spread-over-splits values
-        assert all(value == {"mean": summary[config][m]["mean"], "std": summary[config][m]["std"]}
-                   for m, value in metrics.items())
+        assert all(
+            value == {"mean": summary[config][m]["mean"], "std": summary[config][m]["std"]}
+            for m, value in metrics.items()
+        )
 
 
 def test_curves_are_the_like_for_like_terms_averaged_over_seeds_per_epoch(tmp_path):
@@ -99,8 +151,11 @@ def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
 
 
 def test_rows_follow_the_studys_order_then_the_label_cvae_then_beyond_the_study():
-    params = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8, 16]}, label_cvae={"latent_dim": 2},
-                         beyond={"latent_dims": [16, 32]})
+    params = make_params(
+        study={"models": ["cae", "cvae"], "latent_dims": [8, 16]},
+        label_cvae={"latent_dim": 2},
+        beyond={"latent_dims": [16, 32]},
+    )
     assert study_configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
     assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16", "label_cvae-2", "pcvae-16", "pcvae-32"]
 
@@ -120,7 +175,7 @@ def test_the_companion_table_puts_kid_precision_recall_beside_the_reference_poin
     assert frame.at["CVAE (8)", "FID"] == "11 ± 1.4" and frame.at["CVAE (8)", "KID"] == "2 ± 0"  # KID x 1000
     assert frame.at["LABEL-CVAE (2)", "Precision"] == "n/a"  # evaluated before the metric existed
     assert frame.at["reference: held-out real images", "FID"] == "1.5"
-    assert list(frame.index[-len(REFERENCE_POINTS):]) == list(REFERENCE_POINTS.values())
+    assert list(frame.index[-len(REFERENCE_POINTS) :]) == list(REFERENCE_POINTS.values())
 
 
 def test_a_metric_a_model_cannot_have_is_na_and_never_best():
@@ -140,18 +195,32 @@ def test_champion_is_the_best_seed_of_the_best_study_configuration():
         champion_seed(summary, SEEDS, ["cae-8"], "sharpness")
 
 
-def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(trained_models, mnist_subset, tmp_path,
-                                                                              monkeypatch):
+def test_appendix_figures_per_model_and_loss_curves_cvae_left_as_in_the_study(
+    trained_models, mnist_subset, tmp_path, monkeypatch
+):
     _pipeline_layout(trained_models, tmp_path)
     panel_orders = []
     draw = figures.loss_curve_panels
-    monkeypatch.setattr(figures, "loss_curve_panels", lambda panels, title: panel_orders.append(list(panels))
-                        or draw(panels, title))
+    monkeypatch.setattr(
+        figures, "loss_curve_panels", lambda panels, title: panel_orders.append(list(panels)) or draw(panels, title)
+    )
     test = mnist_subset["test"]
-    written = write_figures(["cae-4", "cvae-4"], tmp_path / "histories", tmp_path / "models", test.float_images(),
-                            test.labels, tmp_path / "figures", seed=0)
-    assert {p.name for p in written} == {"reconstructions_cae-4.png", "generations_cae-4.png",
-                                         "reconstructions_cvae-4.png", "generations_cvae-4.png", "loss_curves_4.png"}
+    written = write_figures(
+        ["cae-4", "cvae-4"],
+        tmp_path / "histories",
+        tmp_path / "models",
+        test.float_images(),
+        test.labels,
+        tmp_path / "figures",
+        seed=0,
+    )
+    assert {p.name for p in written} == {
+        "reconstructions_cae-4.png",
+        "generations_cae-4.png",
+        "reconstructions_cvae-4.png",
+        "generations_cvae-4.png",
+        "loss_curves_4.png",
+    }
     assert all(p.stat().st_size > 0 for p in written)
     assert panel_orders == [["CVAE (4)", "CAE (4)"]]
 
@@ -163,7 +232,8 @@ def _pipeline_layout(trained_models, root):
         (root / "models" / f"{kind}-4" / "seed0.pt").symlink_to(trained.path)
         (root / "histories" / f"{kind}-4").mkdir(parents=True)
         (root / "histories" / f"{kind}-4" / "seed0.csv").symlink_to(
-            trained.path.parents[2] / "histories" / kind / "seed0.csv")
+            trained.path.parents[2] / "histories" / kind / "seed0.csv"
+        )
 
 
 def test_parent_runs_carry_mean_and_std_of_the_table_metrics_and_final_losses(trained_models, tmp_path, monkeypatch):
@@ -171,8 +241,12 @@ def test_parent_runs_carry_mean_and_std_of_the_table_metrics_and_final_losses(tr
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_models["cae"].tracking_uri)
     _pipeline_layout(trained_models, tmp_path)
     seeds = {"cae-4": SEEDS["cae-8"], "cvae-4": SEEDS["cvae-8"]}
-    assert log_parent_runs(make_params(), ["cae-4", "cvae-4"], summarize(seeds), tmp_path / "histories",
-                           tmp_path / "models") == []
+    assert (
+        log_parent_runs(
+            make_params(), ["cae-4", "cvae-4"], summarize(seeds), tmp_path / "histories", tmp_path / "models"
+        )
+        == []
+    )
     client = MlflowClient()
     for kind in ("cae", "cvae"):
         parent = client.get_run(client.get_run(trained_models[kind].run_id).data.tags["mlflow.parentRunId"])
@@ -184,7 +258,8 @@ def test_parent_runs_carry_mean_and_std_of_the_table_metrics_and_final_losses(tr
         assert {"train/loss_mean", "val/bce_mean", "val/accuracy_mean", "val/loss_std"} <= set(metrics)
         assert ("val/kl_mean" in metrics) == (kind == "cvae")  # the CAE has no KL term
     assert metrics["val/bce_mean"] == pytest.approx(
-        client.get_metric_history(trained_models["cvae"].run_id, "val/bce")[-1].value)
+        client.get_metric_history(trained_models["cvae"].run_id, "val/bce")[-1].value
+    )
 
 
 def test_champion_moves_only_to_a_better_model_never_for_a_dvc_experiment_unless_forced(trained_models, monkeypatch):
@@ -195,8 +270,9 @@ def test_champion_moves_only_to_a_better_model_never_for_a_dvc_experiment_unless
     client = MlflowClient()
 
     def champion(kind, fid, params=params):
-        decision = update_champion(params, f"{kind}-4", "0", {"fid": fid, "gen_accuracy": 0.9},
-                                   trained_models[kind].path)
+        decision = update_champion(
+            params, f"{kind}-4", "0", {"fid": fid, "gen_accuracy": 0.9}, trained_models[kind].path
+        )
         alias = client.get_model_version_by_alias(name, "champion")
         return decision, client.get_run(alias.run_id).data.tags["model"]
 

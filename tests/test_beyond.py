@@ -6,15 +6,17 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_params
 
 import digitgen
-from conftest import make_params
 from digitgen.models import ModelConfig, build_model, gaussian_kl, kl_divergence, load_model, save_model
 from digitgen.params import INPUT_MODES, ParamsError
 from digitgen.train import model_setup
 
-CONFIGS = {"conv": ModelConfig("pcvae", 4, hidden_dim=32, channels=(4, 8), label_weight=50.0, kl_warmup_batches=10),
-           "mlp": ModelConfig("pcvae", 4, hidden_dim=32, label_weight=50.0)}
+CONFIGS = {
+    "conv": ModelConfig("pcvae", 4, hidden_dim=32, channels=(4, 8), label_weight=50.0, kl_warmup_batches=10),
+    "mlp": ModelConfig("pcvae", 4, hidden_dim=32, label_weight=50.0),
+}
 
 
 @pytest.fixture
@@ -100,7 +102,11 @@ def test_the_beyond_section_builds_the_model_and_its_warm_up_in_batches():
     params = make_params(beyond={"kl_warmup_epochs": 2, "prior_temperature": 0.7})  # 1000 images, 16 batches an epoch
     config, train = model_setup(params, "pcvae", 4)
     assert (config.channels, config.label_weight, config.kl_warmup_batches, config.prior_temperature) == (
-        (4, 8), 50.0, 32, 0.7)
+        (4, 8),
+        50.0,
+        32,
+        0.7,
+    )
     assert train is params.beyond.train
 
 
@@ -120,8 +126,15 @@ def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_sub
         digits.save(prepared / f"{name}.pt")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
-    runs = run_train(make_params(beyond={"train": {**make_params().beyond.train.__dict__, "epochs": 1}}), "pcvae", 4,
-                     prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    runs = run_train(
+        make_params(beyond={"train": {**make_params().beyond.train.__dict__, "epochs": 1}}),
+        "pcvae",
+        4,
+        prepared,
+        tmp_path / "models",
+        tmp_path / "histories",
+        tmp_path / "checkpoints",
+    )
     images = mnist_subset["test"].float_images()[:4].reshape(-1, 28, 28)
     for source in (tmp_path / "models" / "seed0.pt", f"runs:/{runs['seed_run_ids']['0']}"):
         model = digitgen.load(source)

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 import torch_fidelity
+from conftest import make_params
 
 from digitgen.classifier import ClassifierError, load_classifier, register_feature_extractor, run_classifier
 from digitgen.params import ParamsError
-
-from conftest import make_params
 
 
 def test_stage_writes_weights_and_their_test_accuracy(trained_classifier, mnist_subset):
@@ -46,15 +45,18 @@ def test_missing_weights_name_the_stage_to_run(tmp_path):
         load_classifier(tmp_path / "classifier.pt")
 
 
-@pytest.mark.parametrize(("section", "values", "key"), [
-    ("classifier", {"channels": [16, 32, 64, 128]}, "classifier.channels"),
-    ("classifier", {"kernel_size": 4}, "classifier.kernel_size"),
-    ("classifier", {"min_test_accuracy": 99}, "classifier.min_test_accuracy"),
-    ("evaluate", {"n_generated": 1005}, "evaluate.n_generated"),
-    ("evaluate", {"sampler": "gaussian"}, "evaluate.sampler"),
-    ("evaluate", {"is_splits": 0}, "evaluate.is_splits"),
-    ("evaluate", {"grid_columns": 30}, "evaluate.grid_columns"),
-])
+@pytest.mark.parametrize(
+    ("section", "values", "key"),
+    [
+        ("classifier", {"channels": [16, 32, 64, 128]}, "classifier.channels"),
+        ("classifier", {"kernel_size": 4}, "classifier.kernel_size"),
+        ("classifier", {"min_test_accuracy": 99}, "classifier.min_test_accuracy"),
+        ("evaluate", {"n_generated": 1005}, "evaluate.n_generated"),
+        ("evaluate", {"sampler": "gaussian"}, "evaluate.sampler"),
+        ("evaluate", {"is_splits": 0}, "evaluate.is_splits"),
+        ("evaluate", {"grid_columns": 30}, "evaluate.grid_columns"),
+    ],
+)
 def test_bad_params_name_their_key(section, values, key):
     with pytest.raises(ParamsError, match=f"^{key} must be"):
         make_params(**{section: values})

@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_idx
+
 from digitgen.data import MIRROR_ENV, MNIST_FILES, DataError, Digits, class_counts, download, read_idx, split
 from digitgen.params import DataParams
 

@@ -6,18 +6,28 @@ import json
 
 import pytest
 import torch
+from conftest import REPO, make_params, save_prepared
 from mlflow.tracking import MlflowClient
 
 from digitgen.cli import main
-from digitgen.evaluate import (INCEPTION_METRICS, METRICS, EvaluateError, ImageSet, Judge, evaluate_seed, generate,
-                               real_set, model_metrics, run_evaluate, run_reference,
-                               to_uint8)
+from digitgen.evaluate import (
+    INCEPTION_METRICS,
+    METRICS,
+    EvaluateError,
+    ImageSet,
+    Judge,
+    evaluate_seed,
+    generate,
+    model_metrics,
+    real_set,
+    run_evaluate,
+    run_reference,
+    to_uint8,
+)
 from digitgen.models import ModelConfig, build_model, load_model
 from digitgen.params import SAMPLERS
 from digitgen.tracking import evaluation_metric
 from digitgen.train import run_train
-
-from conftest import REPO, make_params, save_prepared
 
 
 @pytest.fixture(autouse=True)
@@ -53,17 +63,22 @@ def test_gen_accuracy_of_a_generator_drawing_real_digits_is_the_classifier_accur
     assert metrics["distinct_fraction"] == 1.0
 
 
-def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(trained_classifier, prepared_dir, tmp_path,
-                                                                           mnist_subset):
-    reference = run_reference(make_params().evaluate, trained_classifier, prepared_dir, tmp_path / "reference.json",
-                              tmp_path / "cache")
+def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(
+    trained_classifier, prepared_dir, tmp_path, mnist_subset
+):
+    reference = run_reference(
+        make_params().evaluate, trained_classifier, prepared_dir, tmp_path / "reference.json", tmp_path / "cache"
+    )
     assert json.loads((tmp_path / "reference.json").read_text()) == reference
-    assert reference["gen_accuracy"] == pytest.approx(json.loads(
-        (trained_classifier.parent / "classifier.json").read_text())["test_accuracy"])
+    assert reference["gen_accuracy"] == pytest.approx(
+        json.loads((trained_classifier.parent / "classifier.json").read_text())["test_accuracy"]
+    )
     assert 0 < reference["fid"] < 50  # validation vs test images: the real-data floor
     assert set(reference["skipped"]) == set(INCEPTION_METRICS)
     assert all("no Inception weights" in why for why in reference["skipped"].values())
-    assert any(p.name.startswith(real_set(mnist_subset["test"], "test").cache_name) for p in (tmp_path / "cache").iterdir())
+    assert any(
+        p.name.startswith(real_set(mnist_subset["test"], "test").cache_name) for p in (tmp_path / "cache").iterdir()
+    )
     points = reference["points"]
     assert points["held_out_real"]["fid"] == pytest.approx(reference["fid"], rel=0.2)  # the first n_generated of them
     for metric in ("fid", "fid_per_digit"):  # real beats blurred beats noise (at this size the other metrics may tie)
@@ -92,8 +107,17 @@ def evaluated(tmp_path_factory, mnist_subset, trained_classifier):
         params = make_params(train={"epochs": 1, "seeds": [0, 1]})
         prepared = save_prepared(mnist_subset, root / "prepared")
         runs = run_train(params, "cae", 4, prepared, root / "models", root / "histories", root / "checkpoints")
-        result = run_evaluate(params.evaluate, params.tracking.experiment, "cae", 4, root / "models",
-                              trained_classifier, prepared, root / "results", root / "cache")
+        result = run_evaluate(
+            params.evaluate,
+            params.tracking.experiment,
+            "cae",
+            4,
+            root / "models",
+            trained_classifier,
+            prepared,
+            root / "results",
+            root / "cache",
+        )
         yield {"root": root, "runs": runs, "result": result, "params": params, "prepared": prepared}
 
 
@@ -107,8 +131,9 @@ def test_metrics_land_on_each_seeds_training_run(evaluated):
         assert run.data.params["evaluate.sampler"] == "study" and run.data.params["evaluate.device"] == "cpu"
         assert "evaluation_samples.png" in [a.path for a in client.list_artifacts(run.info.run_id)]
         assert "mnist-test" in {d.dataset.name for d in run.inputs.dataset_inputs}
-        (model,) = client.search_logged_models([run.info.experiment_id],
-                                               filter_string=f"source_run_id = '{run.info.run_id}'")
+        (model,) = client.search_logged_models(
+            [run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
         linked = {m.key: m.value for m in client.get_logged_model(model.model_id).metrics}
         assert linked["test/fid"] == pytest.approx(metrics["fid"])  # the metrics belong to the logged model
     assert "test/fid" not in client.get_run(runs["parent_run_id"]).data.metrics
@@ -124,15 +149,25 @@ def test_results_name_no_path_of_the_machine_that_ran_them(evaluated):
     assert "weights-inception-2015-12-05" in written  # the skipped reason still names the missing file
 
 
-def test_a_model_trained_against_another_store_gets_a_new_run_for_its_metrics(evaluated, trained_classifier,
-                                                                                tmp_path, monkeypatch):
+def test_a_model_trained_against_another_store_gets_a_new_run_for_its_metrics(
+    evaluated, trained_classifier, tmp_path, monkeypatch
+):
     """Models pulled from a DVC remote arrive without their MLflow store: evaluation still logs, to a new run
     tagged with the model file's md5."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     monkeypatch.chdir(tmp_path)
     params = evaluated["params"]
-    result = run_evaluate(params.evaluate, params.tracking.experiment, "cae", 4, evaluated["root"] / "models",
-                          trained_classifier, evaluated["prepared"], tmp_path / "results", tmp_path / "cache")
+    result = run_evaluate(
+        params.evaluate,
+        params.tracking.experiment,
+        "cae",
+        4,
+        evaluated["root"] / "models",
+        trained_classifier,
+        evaluated["prepared"],
+        tmp_path / "results",
+        tmp_path / "cache",
+    )
     assert result["seeds"] == evaluated["result"]["seeds"]
     runs = MlflowClient().search_runs([MlflowClient().get_experiment_by_name(params.tracking.experiment).experiment_id])
     assert sorted(r.info.run_name for r in runs) == ["cae-4/seed0", "cae-4/seed1"]
@@ -170,8 +205,19 @@ def test_evaluation_is_seeded_from_params(evaluated, trained_classifier, mnist_s
 
 
 def test_cli_reports_an_untrained_configuration_in_one_line(tmp_path, capsys):
-    status = main(["--params", str(REPO / "params.yaml"), "evaluate", "--model", "cae", "--latent-dim", "8",
-                   "--models", str(tmp_path / "cae-8")])
+    status = main(
+        [
+            "--params",
+            str(REPO / "params.yaml"),
+            "evaluate",
+            "--model",
+            "cae",
+            "--latent-dim",
+            "8",
+            "--models",
+            str(tmp_path / "cae-8"),
+        ]
+    )
     err = capsys.readouterr().err
     assert status == 2
     assert err.count("\n") == 1 and "no trained seeds" in err and "dvc repro train@cae-8" in err

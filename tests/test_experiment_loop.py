@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GIT_IDENTITY, REPO, command_env, copy_from_repo
+
 from digitgen.data import MIRROR_ENV
 
 SMOKE = "pipelines/smoke"
@@ -29,8 +29,11 @@ TINY = {
     "study": {"models": ["cvae"], "latent_dims": [8]},
     "model": {"hidden_dim": 64},
     "train": {"seeds": [0], "epochs": 1},
-    "label_cvae": {"hidden_dims": [64, 32], "train": {"seeds": [0], "epochs": 1},
-                   "figures": {"plane_size": 3, "samples_per_digit": 2}},
+    "label_cvae": {
+        "hidden_dims": [64, 32],
+        "train": {"seeds": [0], "epochs": 1},
+        "figures": {"plane_size": 3, "samples_per_digit": 2},
+    },
     "beyond": {"hidden_dim": 64, "channels": [4, 8], "train": {"seeds": [0], "epochs": 1}},
     "classifier": {"epochs": 1, "channels": [4, 8], "feature_dim": 16, "min_test_accuracy": 0.0},
     "evaluate": {"n_generated": 100, "is_splits": 2, "batch_size": 100, "grid_columns": 2},
@@ -44,8 +47,13 @@ def _merge(tree: dict, changes: dict) -> dict:
 
 
 def run(cwd: Path, *command: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, cwd=cwd, env=command_env(MLFLOW_DISABLE_TELEMETRY="true", **GIT_IDENTITY),
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        env=command_env(MLFLOW_DISABLE_TELEMETRY="true", **GIT_IDENTITY),
+        capture_output=True,
+        text=True,
+    )
     if check:
         assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
     return done
@@ -64,8 +72,12 @@ def loop(tmp_path_factory, mnist_dir) -> tuple[Path, list[str], list[str]]:
     # `dvc exp apply` checks out every pipeline's outputs, and the main pipeline's are not in this cache
     copy_from_repo(("params.yaml", "src", ".dvcignore", ".gitignore", f"{SMOKE}/dvc.yaml"), root)
     smoke = _merge(yaml.safe_load((REPO / SMOKE / "params.yaml").read_text()), TINY)
-    (root / SMOKE / "params.yaml").write_text("# the smoke params at test size\n" + yaml.safe_dump(smoke, sort_keys=False)
-                                              .replace("  epochs: 1\n  batch_size", "  epochs: 1  # kept by dvc exp\n  batch_size", 1))
+    (root / SMOKE / "params.yaml").write_text(
+        "# the smoke params at test size\n"
+        + yaml.safe_dump(smoke, sort_keys=False).replace(
+            "  epochs: 1\n  batch_size", "  epochs: 1  # kept by dvc exp\n  batch_size", 1
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(MIRROR_ENV, str(mnist_dir))
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -113,8 +125,10 @@ def test_an_experiment_on_the_smoke_params_is_compared_with_old_and_new_values(p
     (data,) = experiments.values()
     assert data["params"][f"{SMOKE}/params.yaml"]["data"]["train"]["epochs"] == 2
     assert baseline["params"][f"{SMOKE}/params.yaml"]["data"]["train"]["epochs"] == 1
+
     def reconstruction(rev):
         return rev["metrics"][f"{SMOKE}/results/metrics.json"]["data"]["cvae-8"]["reconstruction_error"]["mean"]
+
     assert (reconstruction(baseline), reconstruction(data)) == (error["old"], error["new"])
 
     header = dvc(project, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[0].split(",")
@@ -129,14 +143,17 @@ def test_an_experiment_on_the_smoke_params_is_compared_with_old_and_new_values(p
 
 def _exp_show(project: Path) -> tuple[dict, dict[str, dict]]:
     """`dvc exp show --json`: the committed run's data and {experiment name: its data}."""
-    (committed,) = [row for row in json.loads(dvc(project, "exp", "show", "--json").stdout) if row["rev"] != "workspace"]
+    (committed,) = [
+        row for row in json.loads(dvc(project, "exp", "show", "--json").stdout) if row["rev"] != "workspace"
+    ]
     return committed["data"], {exp["name"]: exp["revs"][0]["data"] for exp in committed.get("experiments") or []}
 
 
 def _ran(done: subprocess.CompletedProcess) -> list[str]:
     """The stages a `dvc repro` or `dvc exp run` ran, by name."""
-    return sorted(line.split("'")[1].rsplit(":", 1)[-1] for line in done.stdout.splitlines()
-                  if line.startswith("Running stage"))
+    return sorted(
+        line.split("'")[1].rsplit(":", 1)[-1] for line in done.stdout.splitlines() if line.startswith("Running stage")
+    )
 
 
 def test_the_headline_metrics_are_few_and_readable(project):
@@ -180,8 +197,12 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
     lrs = {name: data["params"][f"{SMOKE}/params.yaml"]["data"]["train"]["lr"] for name, data in experiments.items()}
     sweep = {name: lr for name, lr in lrs.items() if lr in (0.003, 0.0003)}
     assert sorted(sweep.values()) == [0.0003, 0.003]
-    best = min(sweep, key=lambda n: experiments[n]["metrics"][f"{SMOKE}/results/metrics.json"]["data"]
-               ["cvae-8"]["reconstruction_error"]["mean"])
+    best = min(
+        sweep,
+        key=lambda n: experiments[n]["metrics"][f"{SMOKE}/results/metrics.json"]["data"]["cvae-8"][
+            "reconstruction_error"
+        ]["mean"],
+    )
 
     dvc(project, "exp", "apply", best)
     assert yaml.safe_load((project / SMOKE / "params.yaml").read_text())["train"]["lr"] == lrs[best]
@@ -191,6 +212,7 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
     assert "best-lr" in run(project, "git", "branch").stdout
     # every run of the sweep is in the one MLflow store at the project root (DVC_ROOT), none lost
     from mlflow.tracking import MlflowClient
+
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("digitgen-smoke")
     seed_runs = client.search_runs([experiment.experiment_id], "tags.seed = '0' AND tags.model = 'cvae'")
@@ -202,8 +224,15 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
 def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop):
     _, one, rest = loop
     assert one == ["classifier", "download", "evaluate@cvae-8", "split", "train@cvae-8"]
-    assert rest == ["aggregate", "evaluate_beyond@pcvae-8", "evaluate_label_cvae", "label_cvae_figures", "reference",
-                    "train_beyond@pcvae-8", "train_label_cvae"]
+    assert rest == [
+        "aggregate",
+        "evaluate_beyond@pcvae-8",
+        "evaluate_label_cvae",
+        "label_cvae_figures",
+        "reference",
+        "train_beyond@pcvae-8",
+        "train_label_cvae",
+    ]
 
 
 def test_retraining_with_nothing_changed_changes_no_hash_and_evaluation_does_not_rerun(project):
@@ -227,6 +256,17 @@ def test_a_fresh_clone_pulls_from_the_remote_reruns_nothing_and_generates(projec
     assert dvc(clone, "repro", f"{SMOKE}/dvc.yaml").stdout.count("Running stage") == 0
     champion = json.loads((clone / SMOKE / "results" / "champion.json").read_text())  # no MLflow store in a clone
     out = tmp_path / "sevens.png"
-    run(clone / SMOKE, "digitgen", "generate", "--model", champion["model"], "--digits", "77", "--seed", "0",
-        "--out", str(out))
+    run(
+        clone / SMOKE,
+        "digitgen",
+        "generate",
+        "--model",
+        champion["model"],
+        "--digits",
+        "77",
+        "--seed",
+        "0",
+        "--out",
+        str(out),
+    )
     assert out.stat().st_size > 0

@@ -17,11 +17,11 @@ import mlflow
 import pytest
 import torch
 import yaml
+from conftest import REPO, alive, command_env, params_raw
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import REPO, alive, command_env, params_raw
 from digitgen import tracking
 from digitgen import train as train_module
 from digitgen.cli import main
@@ -49,8 +49,18 @@ def _fit_uninterrupted(params, prepared_dir, kind: str, checkpoint: Path) -> tor
     """The weights a run_train that nothing interrupts reaches (the same seeding and loop, without MLflow)."""
     torch.manual_seed(0)
     model = train_module.build_model(train_module.model_setup(params, kind, 4)[0])
-    train_module.fit(model, train_module.load_split(prepared_dir, "train"), train_module.load_split(prepared_dir, "val"),
-                     params.train, 0, _NoLogger(), checkpoint, None, torch.device("cpu"), "uninterrupted")
+    train_module.fit(
+        model,
+        train_module.load_split(prepared_dir, "train"),
+        train_module.load_split(prepared_dir, "val"),
+        params.train,
+        0,
+        _NoLogger(),
+        checkpoint,
+        None,
+        torch.device("cpu"),
+        "uninterrupted",
+    )
     return model
 
 
@@ -94,7 +104,8 @@ def tmpfs(tmp_path):
 
 # Kills: SIGTERM to the pipeline, kill -9 in the middle of a checkpoint write, a second trainer
 def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninterrupted_run_does(
-        tmp_path, prepared_dir, monkeypatch):
+    tmp_path, prepared_dir, monkeypatch
+):
     root = tmp_path / "repo"
     for name in ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -104,8 +115,9 @@ def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninte
             shutil.copy(REPO / name, root / name)
     shutil.copytree(prepared_dir, root / "data" / "prepared")  # the split stage's output, as the fixture made it
     epochs = 60  # a tiny epoch takes ~0.1 s: enough of them that a loaded machine cannot finish before the signal
-    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": epochs},
-                     label_cvae={"latent_dim": 2})  # dvc.yaml names its stages from it
+    raw = params_raw(
+        study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": epochs}, label_cvae={"latent_dim": 2}
+    )  # dvc.yaml names its stages from it
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -163,12 +175,14 @@ run_train(load_params(root / "params.yaml"), "cvae", 4, root / "prepared", root 
 
 
 def test_kill_9_during_a_checkpoint_write_keeps_the_last_checkpoint_and_a_rerun_resumes_it(
-        prepared_dir, tmp_path, mlflow_store):
+    prepared_dir, tmp_path, mlflow_store
+):
     raw = params_raw(train={"epochs": 3})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     assert prepared_dir == tmp_path / "prepared"  # where the script looks
-    killed = subprocess.run([sys.executable, "-c", KILLED_IN_THE_SECOND_CHECKPOINT_WRITE, str(tmp_path)],
-                            capture_output=True, text=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_IN_THE_SECOND_CHECKPOINT_WRITE, str(tmp_path)], capture_output=True, text=True
+    )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     checkpoints = tmp_path / "checkpoints"
     assert [p.name for p in checkpoints.glob(".seed0.pt.*.tmp")]  # killed mid-write: the temporary file is there
@@ -204,9 +218,25 @@ def test_a_second_trainer_on_the_same_checkpoints_stops_at_once_naming_the_first
     try:
         assert first.stdout.readline().strip() == "held"
         started = time.monotonic()
-        status = main(["--params", str(tmp_path / "params.yaml"), "train", "--model", "cae", "--latent-dim", "4",
-                       "--data", str(prepared_dir), "--checkpoints", str(checkpoints),
-                       "--out", str(tmp_path / "models"), "--history", str(tmp_path / "histories")])
+        status = main(
+            [
+                "--params",
+                str(tmp_path / "params.yaml"),
+                "train",
+                "--model",
+                "cae",
+                "--latent-dim",
+                "4",
+                "--data",
+                str(prepared_dir),
+                "--checkpoints",
+                str(checkpoints),
+                "--out",
+                str(tmp_path / "models"),
+                "--history",
+                str(tmp_path / "histories"),
+            ]
+        )
         assert status == 2 and time.monotonic() - started < 5
         line = _one_line_error(capsys.readouterr().err, "train")
         assert f"is in use by another trainer (PID {first.pid})" in line and f"kill {first.pid}" in line
@@ -235,8 +265,9 @@ def test_a_loss_past_max_loss_counts_as_divergence(prepared_dir, tmp_path, mlflo
 
 
 # The disk: full, read-only; files cut short
-def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resumes(prepared_dir, tmp_path, tmpfs,
-                                                                                   mlflow_store):
+def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resumes(
+    prepared_dir, tmp_path, tmpfs, mlflow_store
+):
     params = _params(train={"epochs": 2})
     straight = _fit_uninterrupted(params, prepared_dir, "cvae", tmp_path / "straight.pt")
     size_kb = (tmp_path / "straight.pt").stat().st_size * 3 // 2 // 1024  # room for one checkpoint, not two
@@ -250,8 +281,9 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resume
     assert len(saved["history"]) == 1 and _status(saved["run_id"]) == "FAILED"
 
     subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)  # the fix: space
-    resumed = run_train(params, "cvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories",
-                        disk / "checkpoints")
+    resumed = run_train(
+        params, "cvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories", disk / "checkpoints"
+    )
     assert resumed["seed_run_ids"]["0"] == saved["run_id"] and _status(saved["run_id"]) == "FINISHED"
     assert _same_weights(tmp_path / "models" / "seed0.pt", straight)
 
@@ -275,8 +307,9 @@ def test_a_read_only_output_folder_or_store_fails_before_training(where, prepare
     if where == "out":
         assert str(err.value).startswith(f"{out} is not writable (Read-only file system)")
     else:
-        assert str(err.value).startswith(f"the MLflow store {uri} failed while starting a run "
-                                         "(attempt to write a readonly database)")
+        assert str(err.value).startswith(
+            f"the MLflow store {uri} failed while starting a run (attempt to write a readonly database)"
+        )
     assert not (tmp_path / "checkpoints" / "seed0.pt").exists()  # nothing trained
 
 
@@ -321,14 +354,17 @@ def test_an_unreachable_tracking_server_fails_in_seconds_naming_it(prepared_dir,
     assert str(err.value).startswith(f"the MLflow store {uri} failed while opening the experiment (Connection refused)")
 
 
-def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(prepared_dir, tmp_path, mlflow_store,
-                                                                                monkeypatch):
+def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(
+    prepared_dir, tmp_path, mlflow_store, monkeypatch
+):
     real_log = mlflow.log_metrics
 
     def outage_at_epoch_2(metrics, step=None, **kwargs):
         if step == 2:
-            raise MlflowException("API request to http://tracking:5000 failed with exception "
-                                  "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)")
+            raise MlflowException(
+                "API request to http://tracking:5000 failed with exception "
+                "HTTPConnectionPool: Max retries exceeded ([Errno 111] Connection refused)"
+            )
         return real_log(metrics, step=step, **kwargs)
 
     monkeypatch.setattr(mlflow, "log_metrics", outage_at_epoch_2)
@@ -346,8 +382,9 @@ def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(
 
 
 # Ctrl-C
-def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(prepared_dir, tmp_path, mlflow_store, monkeypatch,
-                                                                     capsys):
+def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(
+    prepared_dir, tmp_path, mlflow_store, monkeypatch, capsys
+):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
     real_end = mlflow.end_run
     # Ctrl-C as in a terminal: a shell starts background jobs (`.ci/run` runs pytest as one) with SIGINT ignored,
@@ -366,13 +403,29 @@ def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(prepared_di
 
     monkeypatch.setattr(train_module, "validation_losses", ctrl_c_during_validation)
     monkeypatch.setattr(mlflow, "end_run", second_ctrl_c_while_ending)
-    status = main(["--params", str(tmp_path / "params.yaml"), "train", "--model", "cae", "--latent-dim", "4",
-                   "--data", str(prepared_dir), "--out", "models", "--history", "histories",
-                   "--checkpoints", "checkpoints"])
+    status = main(
+        [
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "train",
+            "--model",
+            "cae",
+            "--latent-dim",
+            "4",
+            "--data",
+            str(prepared_dir),
+            "--out",
+            "models",
+            "--history",
+            "histories",
+            "--checkpoints",
+            "checkpoints",
+        ]
+    )
     assert status == 130
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "digitgen train: interrupted; finished epochs are checkpointed, run the same command (or `dvc repro`) "
-        "to resume")
+        "digitgen train: interrupted; finished epochs are checkpointed, run the same command (or `dvc repro`) to resume"
+    )
     runs = mlflow.search_runs(experiment_names=["digitgen-test"])
     assert set(runs.status) == {"KILLED"} and len(runs) == 2
     signal.signal(signal.SIGINT, before)  # main ignores further Ctrl-C on its way out
@@ -410,30 +463,54 @@ def bomb(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("args, match", [
-    (["train", "--model", "cae", "--latent-dim", "0"],
-     "--latent-dim 0: study.latent_dims must be a non-empty list of positive integers, got [0]"),
-    (["train", "--model", "cvae", "--latent-dim", "-5"], "--latent-dim -5: study.latent_dims must be"),
-    (["train", "--model", "label_cvae", "--latent-dim", "1"],
-     "--latent-dim 1: label_cvae.latent_dim must be an integer of at least 2"),
-    (["train", "--model", "cae", "--latent-dim", "4", "--seeds", "0", "0"],
-     "--seeds 0 0: train.seeds must be a non-empty list of distinct integers"),
-    (["train", "--model", "cae", "--latent-dim", "4", "--device", "gpu"],
-     "--device gpu: train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
-    (["evaluate", "--model", "cae", "--latent-dim", "0"], "--latent-dim 0: study.latent_dims must be"),
-    (["generate", "--model", "m.pt", "--digit", "3", "-n", "100000000", "--out", "x.png"],
-     "expected at most 10000 images in one PNG row, got 100000000"),
-    (["generate", "--model", "m.pt", "--digit", "3", "--out", "."], "--out . is a folder; give a file name"),
-    (["generate", "--model", "m.pt", "--digit", "3", "--seed", str(2**70), "--out", "x.png"],
-     "expected seed to be an integer from -2**63 to 2**64 - 1, got 1180591620717411303424"),
-    (["classify", "--model", "bare.pt", "one.png"], "bare.pt holds a Tensor, not a digitgen model"),
-    (["classify", "--model", "m.pt", "bomb.png"], "bomb.png: more pixels than 10000 tiles of 28 x 28"),
-    (["check-regression", "--metrics", "bad.json", "--baseline", str(REPO / "pipelines/smoke/baseline.json"),
-      "--thresholds", str(REPO / "pipelines/smoke/thresholds.yaml")],
-     "metrics bad.json is not valid JSON (line 1 column 11: Expecting value)"),
-    (["--params", "dup.yaml", "download"], "dup.yaml:3:1: duplicate key 'data'"),
-    (["--params", "broken.yaml", "download"], "broken.yaml:3:5: expected ',' or ']', but got ':'"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (
+            ["train", "--model", "cae", "--latent-dim", "0"],
+            "--latent-dim 0: study.latent_dims must be a non-empty list of positive integers, got [0]",
+        ),
+        (["train", "--model", "cvae", "--latent-dim", "-5"], "--latent-dim -5: study.latent_dims must be"),
+        (
+            ["train", "--model", "label_cvae", "--latent-dim", "1"],
+            "--latent-dim 1: label_cvae.latent_dim must be an integer of at least 2",
+        ),
+        (
+            ["train", "--model", "cae", "--latent-dim", "4", "--seeds", "0", "0"],
+            "--seeds 0 0: train.seeds must be a non-empty list of distinct integers",
+        ),
+        (
+            ["train", "--model", "cae", "--latent-dim", "4", "--device", "gpu"],
+            "--device gpu: train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'",
+        ),
+        (["evaluate", "--model", "cae", "--latent-dim", "0"], "--latent-dim 0: study.latent_dims must be"),
+        (
+            ["generate", "--model", "m.pt", "--digit", "3", "-n", "100000000", "--out", "x.png"],
+            "expected at most 10000 images in one PNG row, got 100000000",
+        ),
+        (["generate", "--model", "m.pt", "--digit", "3", "--out", "."], "--out . is a folder; give a file name"),
+        (
+            ["generate", "--model", "m.pt", "--digit", "3", "--seed", str(2**70), "--out", "x.png"],
+            "expected seed to be an integer from -2**63 to 2**64 - 1, got 1180591620717411303424",
+        ),
+        (["classify", "--model", "bare.pt", "one.png"], "bare.pt holds a Tensor, not a digitgen model"),
+        (["classify", "--model", "m.pt", "bomb.png"], "bomb.png: more pixels than 10000 tiles of 28 x 28"),
+        (
+            [
+                "check-regression",
+                "--metrics",
+                "bad.json",
+                "--baseline",
+                str(REPO / "pipelines/smoke/baseline.json"),
+                "--thresholds",
+                str(REPO / "pipelines/smoke/thresholds.yaml"),
+            ],
+            "metrics bad.json is not valid JSON (line 1 column 11: Expecting value)",
+        ),
+        (["--params", "dup.yaml", "download"], "dup.yaml:3:1: duplicate key 'data'"),
+        (["--params", "broken.yaml", "download"], "broken.yaml:3:5: expected ',' or ']', but got ':'"),
+    ],
+)
 def test_bad_command_line_input_is_one_line_and_writes_nothing(args, match, bomb, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     Path("params.yaml").write_text(yaml.safe_dump(params_raw()))

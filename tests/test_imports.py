@@ -26,7 +26,7 @@ def test_no_import_cycles_inside_the_package():
     done, path = set(), []
 
     def visit(module: str) -> None:
-        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module):] + [module])}"
+        assert module not in path, f"import cycle: {' -> '.join(path[path.index(module) :] + [module])}"
         if module in done:
             return
         path.append(module)

@@ -6,19 +6,34 @@ import mlflow
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import make_params
+
 from digitgen.latent import run_label_cvae_figures, style_vs_identity
 from digitgen.models import LabelCVAE, ModelConfig, UnsupportedTask, build_model, kl_divergence, load_model
 from digitgen.params import ParamsError
 from digitgen.train import read_history, run_train
 
 LATENT = 2
-TINY = {"latent_dim": LATENT, "hidden_dims": [32, 16],
-        "train": {"seeds": [0], "epochs": 1, "batch_size": 64, "lr": 0.001, "device": "cpu",
-                  "input_modes": {"image_digit": 1}},
-        "figures": {"seed": 0, "plane_digit": 3, "plane_size": 4, "plane_extent": 2.0,
-                    "samples_per_digit": 2, "noise_seed": 0}}
+TINY = {
+    "latent_dim": LATENT,
+    "hidden_dims": [32, 16],
+    "train": {
+        "seeds": [0],
+        "epochs": 1,
+        "batch_size": 64,
+        "lr": 0.001,
+        "device": "cpu",
+        "input_modes": {"image_digit": 1},
+    },
+    "figures": {
+        "seed": 0,
+        "plane_digit": 3,
+        "plane_size": 4,
+        "plane_extent": 2.0,
+        "samples_per_digit": 2,
+        "noise_seed": 0,
+    },
+}
 
 
 @pytest.fixture
@@ -113,13 +128,16 @@ def test_classify_and_label_free_encoding_are_clear_errors(model, batch):
         model.reconstruct(images, None)
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"latent_dim": 1}, "label_cvae.latent_dim"),
-    ({"hidden_dims": []}, "label_cvae.hidden_dims"),
-    ({"train": {**TINY["train"], "input_modes": {"image_digit": 1, "image": 1}}}, "label_cvae.train.input_modes"),
-    ({"figures": {**TINY["figures"], "seed": 5}}, "label_cvae.figures.seed"),
-    ({"figures": {**TINY["figures"], "plane_digit": 10}}, "label_cvae.figures.plane_digit"),
-])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"latent_dim": 1}, "label_cvae.latent_dim"),
+        ({"hidden_dims": []}, "label_cvae.hidden_dims"),
+        ({"train": {**TINY["train"], "input_modes": {"image_digit": 1, "image": 1}}}, "label_cvae.train.input_modes"),
+        ({"figures": {**TINY["figures"], "seed": 5}}, "label_cvae.figures.seed"),
+        ({"figures": {**TINY["figures"], "plane_digit": 10}}, "label_cvae.figures.plane_digit"),
+    ],
+)
 def test_bad_params_name_the_key(change, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         make_params(label_cvae={**TINY, **change})
@@ -141,8 +159,12 @@ def test_trains_with_the_shared_loop_and_draws_its_figures(tmp_path, prepared_di
     assert row["val_loss"] == pytest.approx(row["val_bce"] + row["val_kl"])
 
     written = run_label_cvae_figures(params.label_cvae.figures, out, prepared_dir, tmp_path / "figures")
-    assert sorted(p.name for p in written) == ["latent_plane.png", "latent_scatter.png", "samples.png",
-                                               "style_vs_identity.png"]
+    assert sorted(p.name for p in written) == [
+        "latent_plane.png",
+        "latent_scatter.png",
+        "samples.png",
+        "style_vs_identity.png",
+    ]
     assert all(p.read_bytes().startswith(b"\x89PNG") for p in written)
     again = run_label_cvae_figures(params.label_cvae.figures, out, prepared_dir, tmp_path / "again")
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in written]  # seeded: same pictures

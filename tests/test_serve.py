@@ -14,8 +14,8 @@ import urllib.request
 import pandas as pd
 import pytest
 import torch
-
 from conftest import LOOPBACK, command_env, free_port
+
 import digitgen
 from digitgen.serving import request_frame
 
@@ -36,8 +36,21 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
     port = free_port()
     env = command_env(MLFLOW_TRACKING_URI=trained.tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")  # the env's uvicorn
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"runs:/{trained.run_id}/cvae-4-seed0",
-               "--env-manager", "local", "--host", LOOPBACK, "--port", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        f"runs:/{trained.run_id}/cvae-4-seed0",
+        "--env-manager",
+        "local",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
     started = time.monotonic()
     with open(log, "w") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -52,12 +65,23 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
 
         test = mnist_subset["test"]
         images, labels = test.float_images()[:3].reshape(-1, 28, 28), test.labels[:3]
-        request = pd.concat([request_frame("generate", digits=[2, 0, 2, 6]), request_frame("classify", images=images),
-                             request_frame("validate", images=images, digits=labels)], ignore_index=True)
-        body = {"dataframe_split": json.loads(request.to_json(orient="split", index=False)),
-                "params": {"seed": 7, "same_style": True}}
-        call = urllib.request.Request(f"http://{LOOPBACK}:{port}/invocations", data=json.dumps(body).encode(),
-                                      headers={"Content-Type": "application/json"})
+        request = pd.concat(
+            [
+                request_frame("generate", digits=[2, 0, 2, 6]),
+                request_frame("classify", images=images),
+                request_frame("validate", images=images, digits=labels),
+            ],
+            ignore_index=True,
+        )
+        body = {
+            "dataframe_split": json.loads(request.to_json(orient="split", index=False)),
+            "params": {"seed": 7, "same_style": True},
+        }
+        call = urllib.request.Request(
+            f"http://{LOOPBACK}:{port}/invocations",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         asked = time.monotonic()
         with _no_proxy.open(call, timeout=60) as response:
             text = response.read().decode()
@@ -65,8 +89,11 @@ def test_mlflow_models_serve_answers_every_mode_like_the_api(trained_models, mni
         answer = pd.DataFrame(json.loads(text, parse_constant=pytest.fail)["predictions"])  # strict JSON: no NaN
 
         bad = {"dataframe_records": [{"mode": "classify", "pixels": [2.0] * 784}]}
-        call = urllib.request.Request(f"http://{LOOPBACK}:{port}/invocations", data=json.dumps(bad).encode(),
-                                      headers={"Content-Type": "application/json"})
+        call = urllib.request.Request(
+            f"http://{LOOPBACK}:{port}/invocations",
+            data=json.dumps(bad).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             _no_proxy.open(call, timeout=60)
         assert refused.value.code == 400

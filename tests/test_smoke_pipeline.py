@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from conftest import REPO
+
 from digitgen.params import load_params
 
 SMOKE = REPO / "pipelines" / "smoke"
@@ -18,8 +18,10 @@ def _as_root_sees_it(text: str) -> dict:
 
 def test_smoke_stages_match_the_main_pipelines():
     smoke, main = _as_root_sees_it((SMOKE / "dvc.yaml").read_text()), yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert smoke == main, ("pipelines/smoke/dvc.yaml drifted from dvc.yaml; copy the root's stages into it with the "
-                           "code paths as ../../src/ (sed 's#- src/#- ../../src/#' dvc.yaml, then restore its header)")
+    assert smoke == main, (
+        "pipelines/smoke/dvc.yaml drifted from dvc.yaml; copy the root's stages into it with the "
+        "code paths as ../../src/ (sed 's#- src/#- ../../src/#' dvc.yaml, then restore its header)"
+    )
 
 
 def test_smoke_dvc_yaml_and_its_code_are_real_files_that_dvc_reads_at_any_revision():
@@ -32,12 +34,17 @@ def test_smoke_dvc_yaml_and_its_code_are_real_files_that_dvc_reads_at_any_revisi
 
 def test_smoke_params_are_valid_and_have_the_same_keys_as_the_main_params():
     def keys(tree, prefix=""):
-        return {k for key, value in tree.items()
-                for k in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})}
+        return {
+            k
+            for key, value in tree.items()
+            for k in (keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"})
+        }
 
     smoke, main = (yaml.safe_load(p.read_text()) for p in (SMOKE / "params.yaml", REPO / "params.yaml"))
     assert keys(smoke) == keys(main)
-    assert load_params(SMOKE / "params.yaml").tracking.experiment != load_params(REPO / "params.yaml").tracking.experiment
+    assert (
+        load_params(SMOKE / "params.yaml").tracking.experiment != load_params(REPO / "params.yaml").tracking.experiment
+    )
 
 
 @pytest.mark.parametrize("path", [REPO / "params.yaml", SMOKE / "params.yaml"], ids=["main", "smoke"])
@@ -52,5 +59,5 @@ def test_dvc_exp_run_set_param_rewrites_one_line_and_keeps_every_comment(path, t
         params["train"]["lr"] = 0.0003
     before, after = path.read_text().splitlines(), copy.read_text().splitlines()
     assert len(before) == len(after)
-    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
     assert changed == [("  lr: 0.001", "  lr: 0.0003")]

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from conftest import BIN, GIT_IDENTITY, command_env, copy_from_repo, free_port, make_params, params_raw
 from mlflow.tracking import MlflowClient
 
-from conftest import BIN, GIT_IDENTITY, command_env, copy_from_repo, free_port, make_params, params_raw
 from digitgen.data import MIRROR_ENV
 from digitgen.train import run_train
 
@@ -31,11 +31,25 @@ def start_server(tmp_path):
     def start(backend_uri: str) -> str:
         port = free_port()
         log = open(tmp_path / f"mlflow-server-{port}.log", "w")
-        server = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-                                   "--workers", "1", "--backend-store-uri", backend_uri,
-                                   "--artifacts-destination", (tmp_path / "artifacts").as_uri()],
-                                  stdout=log, stderr=subprocess.STDOUT,
-                                  env=command_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"))  # one process fewer
+        server = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                backend_uri,
+                "--artifacts-destination",
+                (tmp_path / "artifacts").as_uri(),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=command_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
+        )  # one process fewer
         servers.append((server, log))
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300  # seconds on an idle machine, minutes on a loaded one
@@ -65,11 +79,13 @@ def _env(url: str, mnist_dir: Path) -> dict:
 
 
 def test_the_pipeline_and_two_queued_experiments_at_once_log_every_run_once_to_a_shared_server(
-        tmp_path, mnist_dir, start_server):
+    tmp_path, mnist_dir, start_server
+):
     url = start_server(f"sqlite:///{tmp_path / 'server.db'}")
     root = copy_from_repo(["dvc.yaml", "src", ".dvcignore"], tmp_path / "project")
-    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": 1},
-                     label_cvae={"latent_dim": 2})  # dvc.yaml names its stages from it
+    raw = params_raw(
+        study={"models": ["cae"], "latent_dims": [4]}, train={"epochs": 1}, label_cvae={"latent_dim": 2}
+    )  # dvc.yaml names its stages from it
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     env = _env(url, mnist_dir)
 
@@ -117,8 +133,9 @@ def _postgres_bin() -> Path:
 def postgres():
     """A PostgreSQL cluster in a temporary folder on 127.0.0.1 (run as user postgres when we are root:
     initdb refuses root); its database `mlflow`, as a SQLAlchemy URI."""
-    pytest.importorskip("psycopg2", reason="psycopg2 is not installed (the postgres extra: uv sync --frozen "
-                                           "--extra postgres)")
+    pytest.importorskip(
+        "psycopg2", reason="psycopg2 is not installed (the postgres extra: uv sync --frozen --extra postgres)"
+    )
     bin_dir = _postgres_bin()
     as_user = []
     data = Path(tempfile.mkdtemp(prefix="digitgen-pg-"))  # not under pytest's root-only temp folders
@@ -131,32 +148,58 @@ def postgres():
             pytest.skip("running as root and there is no user postgres to run PostgreSQL as")
         as_user = ["runuser", "-u", "postgres", "--"]
     port = free_port()
-    started = subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "postgres",
-                              "--auth=trust"], capture_output=True, text=True)
+    started = subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data / "db"), "-U", "postgres", "--auth=trust"],
+        capture_output=True,
+        text=True,
+    )
     if started.returncode == 0:
-        started = subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-w", "-l",
-                                  str(data / "log"), "-o", f"-h 127.0.0.1 -p {port} -k {data}", "start"],
-                                 capture_output=True, text=True)
+        started = subprocess.run(
+            [
+                *as_user,
+                str(bin_dir / "pg_ctl"),
+                "-D",
+                str(data / "db"),
+                "-w",
+                "-l",
+                str(data / "log"),
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {data}",
+                "start",
+            ],
+            capture_output=True,
+            text=True,
+        )
     if started.returncode != 0:
         shutil.rmtree(data, ignore_errors=True)
         pytest.skip(f"PostgreSQL does not start here: {(started.stderr or started.stdout).strip()[:300]}")
     try:
-        subprocess.run([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"],
-                       check=True)
+        subprocess.run(
+            [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "mlflow"], check=True
+        )
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/mlflow"
     finally:
-        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run(
+            [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data / "db"), "-m", "immediate", "stop"], capture_output=True
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
-def test_a_server_on_postgresql_holds_the_configuration_and_its_seed_runs(tmp_path, prepared_dir, start_server,
-                                                                          postgres, monkeypatch):
+def test_a_server_on_postgresql_holds_the_configuration_and_its_seed_runs(
+    tmp_path, prepared_dir, start_server, postgres, monkeypatch
+):
     url = start_server(postgres)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.chdir(tmp_path)
-    runs = run_train(make_params(train={"epochs": 1, "seeds": [0, 1]}), "cae", 4, prepared_dir, tmp_path / "models",
-                     tmp_path / "histories", tmp_path / "checkpoints")
+    runs = run_train(
+        make_params(train={"epochs": 1, "seeds": [0, 1]}),
+        "cae",
+        4,
+        prepared_dir,
+        tmp_path / "models",
+        tmp_path / "histories",
+        tmp_path / "checkpoints",
+    )
     logged = _runs(url, "digitgen-test")
     assert sorted(r.info.run_id for r in logged) == sorted([runs["parent_run_id"], *runs["seed_run_ids"].values()])
     assert {r.info.status for r in logged} == {"FINISHED"}

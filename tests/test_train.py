@@ -8,10 +8,10 @@ import subprocess
 import mlflow
 import pytest
 import torch
+from conftest import make_params
 from mlflow.tracking import MlflowClient
 
 import digitgen
-from conftest import make_params
 from digitgen import train as train_module
 from digitgen.data import load_split, md5sum
 from digitgen.models import ModelConfig, build_model, load_model
@@ -31,8 +31,18 @@ def _fit(prepared_dir, tmp_path, kind="cae", seed=0, epochs=2):
     torch.manual_seed(seed)
     model = build_model(ModelConfig(kind, latent_dim=4, hidden_dim=32))
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    history = fit(model, train, val, params.train, seed, ListLogger(), tmp_path / f"ckpt-{kind}-{seed}.pt", None,
-                  torch.device("cpu"), "test")
+    history = fit(
+        model,
+        train,
+        val,
+        params.train,
+        seed,
+        ListLogger(),
+        tmp_path / f"ckpt-{kind}-{seed}.pt",
+        None,
+        torch.device("cpu"),
+        "test",
+    )
     return model, history
 
 
@@ -48,9 +58,9 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(prepared_di
     a, _ = _fit(prepared_dir, tmp_path, "cvae", seed=0)
     b, _ = _fit(prepared_dir, tmp_path, "cvae", seed=0)
     c, _ = _fit(prepared_dir, tmp_path, "cvae", seed=1)
-    for (name, wa), wb, wc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(wa, wb), name
-    assert not all(torch.equal(wa, wc) for wa, wc in zip(a.state_dict().values(), c.state_dict().values()))
+    assert not all(torch.equal(wa, wc) for wa, wc in zip(a.state_dict().values(), c.state_dict().values(), strict=True))
 
 
 def _run(params, prepared_dir, root, kind="cvae"):
@@ -58,7 +68,8 @@ def _run(params, prepared_dir, root, kind="cvae"):
 
 
 def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninterrupted_one_does(
-        prepared_dir, tmp_path, mlflow_store, monkeypatch):
+    prepared_dir, tmp_path, mlflow_store, monkeypatch
+):
     params = make_params(train={"epochs": 3, "seeds": [0]})
     straight = _run(params, prepared_dir, tmp_path / "straight")
 
@@ -125,8 +136,15 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
         assert child.data.params["seed"] == seed
         val_loss = client.get_metric_history(child.info.run_id, "val/loss")
         assert [m.step for m in val_loss] == [1, 2]
-        assert {"train/loss", "train/bce", "train/nll", "val/bce", "val/nll", "val/accuracy",
-                "train/epoch_seconds"} <= set(child.data.metrics)
+        assert {
+            "train/loss",
+            "train/bce",
+            "train/nll",
+            "val/bce",
+            "val/nll",
+            "val/accuracy",
+            "train/epoch_seconds",
+        } <= set(child.data.metrics)
         assert not {"train/kl", "val/kl"} & set(child.data.metrics)  # the CAE has no KL term
         assert child.data.tags["model_md5"] == md5sum(tmp_path / "models" / f"seed{seed}.pt")
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
@@ -134,8 +152,9 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
         inputs = {d.dataset.name: d for d in child.inputs.dataset_inputs}
         assert set(inputs) == {"mnist-train", "mnist-val"}
         assert inputs["mnist-train"].dataset.digest == md5sum(prepared_dir / "train.pt")[:8]
-        (logged,) = client.search_logged_models([experiment.experiment_id],
-                                                filter_string=f"source_run_id = '{child.info.run_id}'")
+        (logged,) = client.search_logged_models(
+            [experiment.experiment_id], filter_string=f"source_run_id = '{child.info.run_id}'"
+        )
         assert logged.name == f"cae-4-seed{seed}"
     served = digitgen.load(f"runs:/{runs['seed_run_ids']['0']}")
     saved = load_model(tmp_path / "models" / "seed0.pt")
@@ -143,11 +162,14 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
     assert torch.allclose(served.net.classify(images), saved.classify(images))
 
 
-def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_duplicating(prepared_dir, tmp_path,
-                                                                                         mlflow_store):
+def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_duplicating(
+    prepared_dir, tmp_path, mlflow_store
+):
     """A forced re-run (`dvc repro -f`) of one configuration, seed, commit and params keeps one run per seed."""
-    for command in (["init", "-q"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
-                                     "-m", "code"]):
+    for command in (
+        ["init", "-q"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "code"],
+    ):
         subprocess.run(["git", *command], cwd=tmp_path, check=True)
     params = make_params(train={"epochs": 1, "seeds": [0]})
     first = _run(params, prepared_dir, tmp_path, kind="cae")
@@ -161,14 +183,17 @@ def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_du
     assert seed_run.data.tags["git_dirty"] == "false"
 
 
-def test_retraining_with_nothing_changed_writes_the_same_bytes_so_dvc_sees_no_change(prepared_dir, tmp_path,
-                                                                                    mlflow_store):
+def test_retraining_with_nothing_changed_writes_the_same_bytes_so_dvc_sees_no_change(
+    prepared_dir, tmp_path, mlflow_store
+):
     """What DVC caches (model files, histories) holds no run ids, paths or timings: `dvc repro -f train@...`
     with unchanged code, params and machine leaves every hash, so evaluation does not rerun."""
     params = make_params(train={"epochs": 2, "seeds": [0, 1]})
 
     def outputs():
-        return {p.relative_to(tmp_path): p.read_bytes() for d in ("models", "histories") for p in (tmp_path / d).rglob("*")}
+        return {
+            p.relative_to(tmp_path): p.read_bytes() for d in ("models", "histories") for p in (tmp_path / d).rglob("*")
+        }
 
     first_runs = _run(params, prepared_dir, tmp_path, kind="cae")
     first = outputs()

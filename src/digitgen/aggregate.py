@@ -90,8 +90,11 @@ def beyond_configurations(params: Params) -> list[str]:
 
 def configurations(params: Params) -> list[str]:
     """The study's rows, the label-conditioned CVAE's as an extra row, then the models beyond the study."""
-    return (study_configurations(params) + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
-            + beyond_configurations(params))
+    return (
+        study_configurations(params)
+        + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
+        + beyond_configurations(params)
+    )
 
 
 def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, dict[str, float]]]:
@@ -100,8 +103,10 @@ def load_evaluations(eval_dir: Path, configs: list[str]) -> dict[str, dict[str, 
     for config in configs:
         path = Path(eval_dir) / f"{config}.json"
         if not path.is_file():
-            raise DigitgenError(f"{path} is missing: configuration {config} has not been evaluated; "
-                                f"run `dvc repro` (or `dvc repro evaluate@{config}`)")
+            raise DigitgenError(
+                f"{path} is missing: configuration {config} has not been evaluated; "
+                f"run `dvc repro` (or `dvc repro evaluate@{config}`)"
+            )
         found[config] = json.loads(path.read_text())["seeds"]
     return found
 
@@ -112,8 +117,9 @@ def summarize(evaluations: dict[str, dict[str, dict[str, float]]]) -> dict[str, 
     for config, seeds in evaluations.items():
         frame = pd.DataFrame.from_dict(seeds, orient="index").select_dtypes("number")
         std = frame.std(ddof=1).fillna(0.0) if len(frame) > 1 else frame.mean() * 0.0
-        summary[config] = {m: {"mean": float(frame[m].mean()), "std": float(std[m]), "n": int(frame[m].count())}
-                           for m in frame.columns}
+        summary[config] = {
+            m: {"mean": float(frame[m].mean()), "std": float(std[m]), "n": int(frame[m].count())} for m in frame.columns
+        }
     return summary
 
 
@@ -138,9 +144,14 @@ def champion_seed(summary, evaluations, candidates: list[str], metric: str) -> t
 
 def headline(summary: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
     """What `dvc metrics show/diff` and `dvc exp show` print: mean and std of Table 1's metrics per configuration."""
-    return {config: {metric: {"mean": values[metric]["mean"], "std": values[metric]["std"]}
-                     for metric in TABLE_COLUMNS if metric in values}
-            for config, values in summary.items()}
+    return {
+        config: {
+            metric: {"mean": values[metric]["mean"], "std": values[metric]["std"]}
+            for metric in TABLE_COLUMNS
+            if metric in values
+        }
+        for config, values in summary.items()
+    }
 
 
 # the like-for-like learning curves across the families (val_loss holds the CVAE's KL term, the CAE has none)
@@ -229,17 +240,28 @@ def with_beyond_block(frame: pd.DataFrame, beyond_rows: list[str]) -> pd.DataFra
     return pd.concat([study, heading, frame.loc[beyond_rows]]).rename_axis(frame.index.name)
 
 
-def fidelity_table(summary: dict[str, dict[str, dict[str, float]]], points: dict[str, dict[str, float]]) -> pd.DataFrame:
+def fidelity_table(
+    summary: dict[str, dict[str, dict[str, float]]], points: dict[str, dict[str, float]]
+) -> pd.DataFrame:
     """Every configuration's FIDELITY_COLUMNS (mean ± std; n/a where not computed), then the reference points."""
+
     def cell(metric: str, mean: float, std: float | None) -> str:
         scale = 1000 if metric == "kid" else 1
         return f"{mean * scale:.4g}" + ("" if std is None else f" ± {std * scale:.2g}")
 
-    rows = {display_name(config): {label: cell(m, metrics[m]["mean"], metrics[m]["std"]) if m in metrics else "n/a"
-                                   for m, label in FIDELITY_COLUMNS.items()}
-            for config, metrics in summary.items()}
-    rows.update({name: {label: cell(m, points[point][m], None) for m, label in FIDELITY_COLUMNS.items()}
-                 for point, name in REFERENCE_POINTS.items()})
+    rows = {
+        display_name(config): {
+            label: cell(m, metrics[m]["mean"], metrics[m]["std"]) if m in metrics else "n/a"
+            for m, label in FIDELITY_COLUMNS.items()
+        }
+        for config, metrics in summary.items()
+    }
+    rows.update(
+        {
+            name: {label: cell(m, points[point][m], None) for m, label in FIDELITY_COLUMNS.items()}
+            for point, name in REFERENCE_POINTS.items()
+        }
+    )
     frame = pd.DataFrame.from_dict(rows, orient="index")
     frame.index.name = "Model"
     return frame
@@ -281,8 +303,9 @@ def log_parent_runs(params: Params, configs: list[str], summary, histories_dir: 
 CHAMPION_SETTINGS = ("evaluate.sampler", "evaluate.n_generated", "evaluate.is_splits", "evaluate.seed")
 
 
-def champion_decision(metric: str, new: float, current: dict | None, settings: dict[str, str], experiment: str,
-                      force: bool) -> tuple[bool, str]:
+def champion_decision(
+    metric: str, new: float, current: dict | None, settings: dict[str, str], experiment: str, force: bool
+) -> tuple[bool, str]:
     """(move @champion?, why). current: the champion's {"value", "settings", "version"}, or None.
 
     A DVC experiment (`dvc exp run`) never takes the champion unless forced: it is a trial, not yet kept.
@@ -290,13 +313,17 @@ def champion_decision(metric: str, new: float, current: dict | None, settings: d
     if force:
         return True, "forced by registry.force_champion"
     if experiment:
-        return False, (f"kept: DVC experiment {experiment} is a trial; `dvc exp apply` it and run aggregate again, or "
-                       "set registry.force_champion")
+        return False, (
+            f"kept: DVC experiment {experiment} is a trial; `dvc exp apply` it and run aggregate again, or "
+            "set registry.force_champion"
+        )
     if current is None:
         return True, "no champion yet"
     if current["settings"] != settings:
-        return False, (f"kept: champion version {current['version']} was evaluated under other settings "
-                       f"({current['settings']} against {settings}); set registry.force_champion to move it")
+        return False, (
+            f"kept: champion version {current['version']} was evaluated under other settings "
+            f"({current['settings']} against {settings}); set registry.force_champion to move it"
+        )
     better = new > current["value"] if METRICS[metric] == "higher" else new < current["value"]
     if not better:
         return False, f"kept: {metric} {new:.6g} is not better than the champion's {current['value']:.6g}"
@@ -309,8 +336,9 @@ def _champion_record(version, metric: str) -> dict | None:
     if version is None:
         return None
     run = tracking.run_data(version.run_id)
-    value = version.tags.get(f"metric.{metric}") or run.metrics.get(tracking.evaluation_metric(metric),
-                                                                    run.metrics.get(metric))
+    value = version.tags.get(f"metric.{metric}") or run.metrics.get(
+        tracking.evaluation_metric(metric), run.metrics.get(metric)
+    )
     settings = {k: version.tags.get(f"param.{k}") or run.params.get(k) or run.tags.get(k) for k in CHAMPION_SETTINGS}
     return {"value": float("nan") if value is None else float(value), "settings": settings, "version": version.version}
 
@@ -328,27 +356,51 @@ def update_champion(params: Params, config: str, seed: str, metrics: dict[str, f
     if current is not None and current.run_id == run_id:
         move, why = False, "kept: this model already is the champion"
     else:
-        move, why = champion_decision(metric, metrics[metric], record, settings, tracking.dvc_experiment(),
-                                      registry.force_champion)
+        move, why = champion_decision(
+            metric, metrics[metric], record, settings, tracking.dvc_experiment(), registry.force_champion
+        )
     commit = run.tags.get(tracking.GIT_COMMIT_TAG, "unknown")
     experiment = tracking.dvc_experiment()
     version = tracking.register_version(
-        run_id, name,
+        run_id,
+        name,
         f"digitgen's best joint model by {metric}: one model for every condition of the study (generate, classify, "
         "reconstruct, validate) through one request table; @champion moves only to a better model",
         f"{config} seed{seed}: {metric} {metrics[metric]:.6g}; trained at commit {commit[:12]}"
-        + (f" in DVC experiment {experiment}" if experiment else "") + f". {why}",
-        {"config": config, "seed": seed, "git_commit": commit, "dvc_exp_name": experiment, "decision": why,
-         **{f"metric.{m}": str(v) for m, v in metrics.items() if m in METRICS},
-         **{f"param.{k}": v for k, v in run.params.items()}})
+        + (f" in DVC experiment {experiment}" if experiment else "")
+        + f". {why}",
+        {
+            "config": config,
+            "seed": seed,
+            "git_commit": commit,
+            "dvc_exp_name": experiment,
+            "decision": why,
+            **{f"metric.{m}": str(v) for m, v in metrics.items() if m in METRICS},
+            **{f"param.{k}": v for k, v in run.params.items()},
+        },
+    )
     if move:
         tracking.set_champion(name, version.version)
-    return {"decision": why, "moved": move, "version": version.version, "config": config, "seed": seed,
-            f"new_{metric}": metrics[metric], **({f"current_{metric}": record["value"]} if record else {})}
+    return {
+        "decision": why,
+        "moved": move,
+        "version": version.version,
+        "config": config,
+        "seed": seed,
+        f"new_{metric}": metrics[metric],
+        **({f"current_{metric}": record["value"]} if record else {}),
+    }
 
 
-def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, test_images: torch.Tensor,
-                  test_labels: torch.Tensor, out_dir: Path, seed: int) -> list[Path]:
+def write_figures(
+    configs: list[str],
+    histories_dir: Path,
+    models_dir: Path,
+    test_images: torch.Tensor,
+    test_labels: torch.Tensor,
+    out_dir: Path,
+    seed: int,
+) -> list[Path]:
     """The study's appendix figures: loss curves per latent size, reconstructions and generations per model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -359,12 +411,18 @@ def write_figures(configs: list[str], histories_dir: Path, models_dir: Path, tes
         by_latent.setdefault(latent_dim, {})[display_name(config)] = {p.stem: read_history(p) for p in runs}
         model = load_model(next(iter(sorted(Path(models_dir, config).glob("seed*.pt")))))
         with torch.no_grad():
-            for name, fig in (("reconstructions", figures.reconstruction_grid(model, test_images[:10], test_labels[:10])),
-                              ("generations", figures.generation_grid(model, seed))):
+            for name, fig in (
+                ("reconstructions", figures.reconstruction_grid(model, test_images[:10], test_labels[:10])),
+                ("generations", figures.generation_grid(model, seed)),
+            ):
                 written.append(figures.save(fig, out_dir / f"{name}_{config}.png"))
     for latent_dim, panels in by_latent.items():
-        written.append(figures.save(figures.loss_curve_panels(panels, f"latent dimension {latent_dim}"),
-                             out_dir / f"loss_curves_{latent_dim}.png"))
+        written.append(
+            figures.save(
+                figures.loss_curve_panels(panels, f"latent dimension {latent_dim}"),
+                out_dir / f"loss_curves_{latent_dim}.png",
+            )
+        )
     return written
 
 
@@ -384,15 +442,27 @@ def environment(params: Params) -> dict:
     seeds' spread otherwise (README: Reproducing on another machine). Written by the stage that computes the
     table, in the same `dvc repro` as training on a single machine; `torch_threads` is this process's, which
     the local executor trains with unless `execution.threads` says otherwise."""
-    return {"torch": torch.__version__, "python": platform.python_version(), "cpu": cpu_model(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "execution": asdict(params.execution)}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "execution": asdict(params.execution),
+    }
 
 
-def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_dir: Path, prepared_dir: Path,
-                  reference_path: Path, out_dir: Path) -> pd.DataFrame:
+def run_aggregate(
+    params: Params,
+    eval_dir: Path,
+    histories_dir: Path,
+    models_dir: Path,
+    prepared_dir: Path,
+    reference_path: Path,
+    out_dir: Path,
+) -> pd.DataFrame:
     configs = configurations(params)
     evaluations = load_evaluations(eval_dir, configs)
     summary = summarize(evaluations)
@@ -405,44 +475,83 @@ def run_aggregate(params: Params, eval_dir: Path, histories_dir: Path, models_di
         write_atomic(out_dir / "curves" / f"{config}.csv", frame.to_csv(float_format="%.6g"))
     frame, numbers = display_table(summary), numeric_table(summary)
     write_atomic(out_dir / "table.csv", numbers.to_csv(float_format="%.6g"))
-    markdown = (f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}; beyond the study: "
-                f"{', '.join(map(str, params.beyond.train.seeds))}); best of each column in bold; paper values from "
-                "the study's Table 1; † marks a difference beyond the spread (the two mean ± std bands do not "
-                "overlap).\n\n"
-                + with_beyond_block(frame, [display_name(c) for c in beyond_configurations(params)]).to_markdown() + "\n")
+    markdown = (
+        f"Table 1: mean ± std over seeds ({', '.join(map(str, params.train.seeds))}; beyond the study: "
+        f"{', '.join(map(str, params.beyond.train.seeds))}); best of each column in bold; paper values from "
+        "the study's Table 1; † marks a difference beyond the spread (the two mean ± std bands do not "
+        "overlap).\n\n"
+        + with_beyond_block(frame, [display_name(c) for c in beyond_configurations(params)]).to_markdown()
+        + "\n"
+    )
     write_atomic(out_dir / "table.md", markdown)
     fidelity = fidelity_table(summary, json.loads(Path(reference_path).read_text())["points"])
     write_atomic(out_dir / "fidelity.csv", fidelity.to_csv())
-    write_atomic(out_dir / "fidelity.md",
+    write_atomic(
+        out_dir / "fidelity.md",
         "Table 1's companion: generated images against the test images in the classifier's feature space, mean ± "
         "std over seeds; KID is the unbiased MMD estimate (×1000), precision/recall torch-fidelity's k-NN (k = "
         f"{params.evaluate.prc_neighborhood}); the reference points are scored the same way (one run each).\n\n"
-        + fidelity.to_markdown() + "\n")
+        + fidelity.to_markdown()
+        + "\n",
+    )
     test = load_split(prepared_dir, "test")
-    written = write_figures(configs, Path(histories_dir), Path(models_dir), test.float_images(), test.labels,
-                            out_dir / "figures", params.train.seeds[0])
+    written = write_figures(
+        configs,
+        Path(histories_dir),
+        Path(models_dir),
+        test.float_images(),
+        test.labels,
+        out_dir / "figures",
+        params.train.seeds[0],
+    )
     missing = log_parent_runs(params, configs, summary, Path(histories_dir), Path(models_dir))
     if missing:
-        print(f"no parent run in this MLflow store for {', '.join(missing)} (restored from DVC's run-cache, or "
-              f"pulled): their means are in results/ only; `dvc repro -f train@<config>` logs them", file=sys.stderr)
+        print(
+            f"no parent run in this MLflow store for {', '.join(missing)} (restored from DVC's run-cache, or "
+            f"pulled): their means are in results/ only; `dvc repro -f train@<config>` logs them",
+            file=sys.stderr,
+        )
     # the champion serves every condition, so it is chosen among the joint models: the study's and those beyond it
     metric = params.registry.champion_metric
-    config, seed = champion_seed(summary, evaluations, study_configurations(params) + beyond_configurations(params),
-                                 metric)
+    config, seed = champion_seed(
+        summary, evaluations, study_configurations(params) + beyond_configurations(params), metric
+    )
     model_file = Path(models_dir) / config / f"seed{seed}.pt"
-    write_json({"config": config, "seed": int(seed), "model": model_file.as_posix(),
-                metric: evaluations[config][seed][metric]}, out_dir / "champion.json")
+    write_json(
+        {
+            "config": config,
+            "seed": int(seed),
+            "model": model_file.as_posix(),
+            metric: evaluations[config][seed][metric],
+        },
+        out_dir / "champion.json",
+    )
     try:
         decision = update_champion(params, config, seed, evaluations[config][seed], model_file)
     except tracking.TrackingError as err:  # a model whose training run is not in this store has nothing to register
         decision = {"decision": f"not registered: {err}"}
-        print(f"champion not registered: {err}; the training run of {config} seed{seed} is not in this MLflow store "
-              f"(restored from DVC's run-cache, or pulled from a remote): `dvc repro -f train@{config}` logs one",
-              file=sys.stderr)
+        print(
+            f"champion not registered: {err}; the training run of {config} seed{seed} is not in this MLflow store "
+            f"(restored from DVC's run-cache, or pulled from a remote): `dvc repro -f train@{config}` logs one",
+            file=sys.stderr,
+        )
     else:
-        print(f"champion by {metric}: {config} seed{seed} -> models:/{params.registry.model_name} version "
-              f"{decision['version']}; {decision['decision']}")
-    tracking.log_summary(params.tracking.experiment, numbers, markdown,
-                         [out_dir / "summary.json", out_dir / "table.md", out_dir / "table.csv", out_dir / "fidelity.md",
-                          out_dir / "fidelity.csv", *written], decision)
+        print(
+            f"champion by {metric}: {config} seed{seed} -> models:/{params.registry.model_name} version "
+            f"{decision['version']}; {decision['decision']}"
+        )
+    tracking.log_summary(
+        params.tracking.experiment,
+        numbers,
+        markdown,
+        [
+            out_dir / "summary.json",
+            out_dir / "table.md",
+            out_dir / "table.csv",
+            out_dir / "fidelity.md",
+            out_dir / "fidelity.csv",
+            *written,
+        ],
+        decision,
+    )
     return frame

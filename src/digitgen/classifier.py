@@ -45,8 +45,12 @@ class DigitClassifier(nn.Module):
         self.config = {"channels": list(channels), "kernel_size": kernel_size, "feature_dim": feature_dim}
         blocks, in_channels = [], 1
         for out_channels in channels:
-            blocks += [nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
-                       nn.BatchNorm2d(out_channels), nn.ReLU(), nn.MaxPool2d(2)]
+            blocks += [
+                nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             in_channels = out_channels
         side = IMAGE_SIDE // 2 ** len(channels)
         self.convs = nn.Sequential(*blocks, nn.Flatten())
@@ -65,8 +69,9 @@ class DigitClassifier(nn.Module):
     @torch.no_grad()
     def logits(self, images: torch.Tensor, batch_size: int) -> torch.Tensor:
         device = next(self.parameters()).device
-        return torch.cat([self(images[i : i + batch_size].to(device))[1].cpu()
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat(
+            [self(images[i : i + batch_size].to(device))[1].cpu() for i in range(0, len(images), batch_size)]
+        )
 
     def accuracy(self, digits: Digits, batch_size: int) -> float:
         predicted = self.logits(digits.images.unsqueeze(1), batch_size).argmax(1)
@@ -80,8 +85,9 @@ def build_classifier(params: ClassifierParams) -> DigitClassifier:
 def save_classifier(model: DigitClassifier, path: Path) -> None:
     """Architecture, weights and their checksum, written atomically."""
     state_dict = model.state_dict()
-    save_torch({"config": model.config, "state_dict": state_dict,
-                "sha256": weights_checksum(model.config, state_dict)}, path)
+    save_torch(
+        {"config": model.config, "state_dict": state_dict, "sha256": weights_checksum(model.config, state_dict)}, path
+    )
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -89,10 +95,15 @@ def read_checkpoint(path: Path) -> dict:
     if not Path(path).is_file():
         raise ClassifierError(f"{path} not found; run `dvc repro classifier` (or `digitgen classifier`) first")
     blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not (isinstance(blob, dict) and "sha256" in blob
-            and weights_checksum(blob["config"], blob["state_dict"]) == blob["sha256"]):
-        raise ClassifierError(f"{path} is corrupt or not a classifier written by this version (its weights do not "
-                              "match a saved checksum); delete it and run `dvc repro classifier`")
+    if not (
+        isinstance(blob, dict)
+        and "sha256" in blob
+        and weights_checksum(blob["config"], blob["state_dict"]) == blob["sha256"]
+    ):
+        raise ClassifierError(
+            f"{path} is corrupt or not a classifier written by this version (its weights do not "
+            "match a saved checksum); delete it and run `dvc repro classifier`"
+        )
     return blob
 
 
@@ -121,8 +132,11 @@ def fit(model: DigitClassifier, train: Digits, params: ClassifierParams, device:
             loss.backward()
             optimizer.step()
             schedule.step()
-        print(f"classifier epoch {epoch}/{params.epochs}: last batch loss {loss.item():.4f} "
-              f"({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+        print(
+            f"classifier epoch {epoch}/{params.epochs}: last batch loss {loss.item():.4f} "
+            f"({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+        )
     model.eval()
 
 
@@ -136,8 +150,10 @@ def run_classifier(params: ClassifierParams, prepared_dir: Path, out_path: Path,
     metrics = {"test_accuracy": model.accuracy(test, params.batch_size)}
     write_json(metrics, metrics_path)
     if metrics["test_accuracy"] < params.min_test_accuracy:
-        raise ClassifierError(f"test accuracy {metrics['test_accuracy']:.4f} is below classifier.min_test_accuracy "
-                              f"{params.min_test_accuracy}; train longer (classifier.epochs) or widen classifier.channels")
+        raise ClassifierError(
+            f"test accuracy {metrics['test_accuracy']:.4f} is below classifier.min_test_accuracy "
+            f"{params.min_test_accuracy}; train longer (classifier.epochs) or widen classifier.channels"
+        )
     save_classifier(model.cpu(), out_path)
     return metrics
 
@@ -178,5 +194,6 @@ def register_feature_extractor(path: Path) -> str:
     name = f"digitgen-classifier-{checkpoint['sha256'][:12]}"
     if name not in FEATURE_EXTRACTORS_REGISTRY:
         torch_fidelity.register_feature_extractor(
-            name, type(f"ClassifierFeatures_{name[-12:]}", (ClassifierFeatures,), {"checkpoint": checkpoint}))
+            name, type(f"ClassifierFeatures_{name[-12:]}", (ClassifierFeatures,), {"checkpoint": checkpoint})
+        )
     return name

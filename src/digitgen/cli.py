@@ -9,8 +9,16 @@ import signal
 import sys
 from pathlib import Path
 
-from digitgen.params import (BEYOND_KINDS, LABEL_CVAE, MODEL_KINDS, DigitgenError, config_name, load_params, override,
-                             train_section)
+from digitgen.params import (
+    BEYOND_KINDS,
+    LABEL_CVAE,
+    MODEL_KINDS,
+    DigitgenError,
+    config_name,
+    load_params,
+    override,
+    train_section,
+)
 
 
 def _download(args, params) -> None:
@@ -31,8 +39,11 @@ def _train(args, params) -> None:
 
     _check_configuration(args, params)
     section = train_section(args.model)
-    train_params = {"train": params.train, "label_cvae.train": params.label_cvae.train,
-                    "beyond.train": params.beyond.train}[section]
+    train_params = {
+        "train": params.train,
+        "label_cvae.train": params.label_cvae.train,
+        "beyond.train": params.beyond.train,
+    }[section]
     if args.seeds is not None:
         override(train_params, section, "--seeds", seeds=args.seeds)
     if args.device is not None:
@@ -42,8 +53,17 @@ def _train(args, params) -> None:
     with folder_lock(checkpoints, "trainer"):  # a second trainer stops at once, not after its imports
         from digitgen.train import run_train
 
-        run_train(params, args.model, args.latent_dim, args.data, args.out or Path("models") / name,
-                  args.history or Path("histories") / name, checkpoints, args.device, args.seeds)
+        run_train(
+            params,
+            args.model,
+            args.latent_dim,
+            args.data,
+            args.out or Path("models") / name,
+            args.history or Path("histories") / name,
+            checkpoints,
+            args.device,
+            args.seeds,
+        )
 
 
 def _label_cvae_figures(args, params) -> None:
@@ -102,16 +122,27 @@ def _evaluate(args, params) -> None:
     from digitgen.evaluate import run_evaluate
 
     name = config_name(args.model, args.latent_dim)
-    run_evaluate(params.evaluate, params.tracking.experiment, args.model, args.latent_dim,
-                 args.models or Path("models") / name,
-                 args.classifier, args.data, args.out, args.cache)
+    run_evaluate(
+        params.evaluate,
+        params.tracking.experiment,
+        args.model,
+        args.latent_dim,
+        args.models or Path("models") / name,
+        args.classifier,
+        args.data,
+        args.out,
+        args.cache,
+    )
 
 
 def _aggregate(args, params) -> None:
     from digitgen.aggregate import run_aggregate
 
-    print(run_aggregate(params, args.evaluation, args.histories, args.models, args.data, args.reference,
-                        args.out).to_markdown())
+    print(
+        run_aggregate(
+            params, args.evaluation, args.histories, args.models, args.data, args.reference, args.out
+        ).to_markdown()
+    )
 
 
 def _check_regression(args, params) -> int:
@@ -170,23 +201,33 @@ def _command(sub, name: str, func, help: str, needs_params: bool = True) -> argp
     p = sub.add_parser(name, description=help, formatter_class=_HelpFormatter)
     p.set_defaults(func=func, needs_params=needs_params)
     if needs_params:
-        p.add_argument("--params", type=Path, default=argparse.SUPPRESS,
-                       help="params file (default: params.yaml, or the --params given before the command)")
+        p.add_argument(
+            "--params",
+            type=Path,
+            default=argparse.SUPPRESS,
+            help="params file (default: params.yaml, or the --params given before the command)",
+        )
     return p
 
 
 def _model_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True,
-                   help="a model file (models/cvae-16/seed0.pt) or an MLflow URI "
-                        "(runs:/<run_id>, models:/digitgen@champion)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="a model file (models/cvae-16/seed0.pt) or an MLflow URI (runs:/<run_id>, models:/digitgen@champion)",
+    )
 
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
     p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE, *BEYOND_KINDS], help="the model kind")
-    p.add_argument("--latent-dim", type=int, required=True,
-                   help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; "
-                        "beyond the study: beyond.latent_dims)")
+    p.add_argument(
+        "--latent-dim",
+        type=int,
+        required=True,
+        help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; "
+        "beyond the study: beyond.latent_dims)",
+    )
 
 
 PREPARED = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}  # every --data
@@ -196,8 +237,9 @@ def _judge_arguments(p: argparse.ArgumentParser) -> None:
     """What scoring reads: the prepared data, the separate classifier and torch-fidelity's feature cache."""
     p.add_argument("--data", **PREPARED)
     p.add_argument("--classifier", type=Path, default=Path("models/classifier.pt"), help="the separate classifier")
-    p.add_argument("--cache", type=Path, default=Path("fidelity_cache"),
-                   help="torch-fidelity's cache of real-data features")
+    p.add_argument(
+        "--cache", type=Path, default=Path("fidelity_cache"), help="torch-fidelity's cache of real-data features"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,19 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "train", _train, "stage train: every seed of one configuration, tracked in MLflow")
     _config_arguments(p)
-    p.add_argument("--seeds", type=int, nargs="+",
-                   help="override params' train.seeds (label_cvae: label_cvae.train.seeds)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", help="override params' train.seeds (label_cvae: label_cvae.train.seeds)"
+    )
     p.add_argument("--device", help="override params' train.device (auto, cpu, cuda, ...)")
     p.add_argument("--data", **PREPARED)
     p.add_argument("--out", type=Path, help="the models' folder (none given: models/<model>-<latent_dim>)")
     p.add_argument("--history", type=Path, help="the histories' folder (none given: histories/<model>-<latent_dim>)")
-    p.add_argument("--checkpoints", type=Path,
-                   help="the checkpoints' folder (none given: checkpoints/<model>-<latent_dim>)")
+    p.add_argument(
+        "--checkpoints", type=Path, help="the checkpoints' folder (none given: checkpoints/<model>-<latent_dim>)"
+    )
 
-    p = _command(sub, "label-cvae-figures", _label_cvae_figures,
-                 "stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples")
-    p.add_argument("--models", type=Path,
-                   help="the trained label CVAE's folder (none given: models/label_cvae-<latent_dim>)")
+    p = _command(
+        sub,
+        "label-cvae-figures",
+        _label_cvae_figures,
+        "stage label_cvae_figures: style vs identity, latent scatter, latent plane, samples",
+    )
+    p.add_argument(
+        "--models", type=Path, help="the trained label CVAE's folder (none given: models/label_cvae-<latent_dim>)"
+    )
     p.add_argument("--data", **PREPARED)
     p.add_argument("--out", type=Path, default=Path("results/label_cvae"), help="where the figures go")
 
@@ -275,24 +324,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=Path, help="the trained seeds' folder (none given: models/<model>-<latent_dim>)")
     p.add_argument("--out", type=Path, default=Path("results/evaluation"), help="where <config>.json goes")
 
-    p = _command(sub, "aggregate", _aggregate,
-                 "stage aggregate: mean ± std over seeds, Table 1, figures, MLflow summaries, the champion")
+    p = _command(
+        sub,
+        "aggregate",
+        _aggregate,
+        "stage aggregate: mean ± std over seeds, Table 1, figures, MLflow summaries, the champion",
+    )
     p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"), help="the evaluations")
     p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
     p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
     p.add_argument("--data", **PREPARED)
-    p.add_argument("--reference", type=Path, default=Path("results/reference.json"),
-                   help="the reference stage's points, for the companion table")
+    p.add_argument(
+        "--reference",
+        type=Path,
+        default=Path("results/reference.json"),
+        help="the reference stage's points, for the companion table",
+    )
     p.add_argument("--out", type=Path, default=Path("results"), help="where the results go")
 
     # Maintenance and CI
     smoke = Path("pipelines/smoke")
-    p = _command(sub, "check-regression", _check_regression,
-                 "CI gate: fresh smoke metrics against the committed baseline", False)
-    p.add_argument("--metrics", type=Path, default=smoke / "results" / "summary.json",
-                   help="the fresh run's summary of every metric")
+    p = _command(
+        sub, "check-regression", _check_regression, "CI gate: fresh smoke metrics against the committed baseline", False
+    )
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=smoke / "results" / "summary.json",
+        help="the fresh run's summary of every metric",
+    )
     p.add_argument("--baseline", type=Path, default=smoke / "baseline.json", help="the committed baseline")
-    p.add_argument("--thresholds", type=Path, default=smoke / "thresholds.yaml", help="the allowed worsening per metric")
+    p.add_argument(
+        "--thresholds", type=Path, default=smoke / "thresholds.yaml", help="the allowed worsening per metric"
+    )
     return parser
 
 

@@ -87,11 +87,16 @@ def download(mirrors: list[str], raw_dir: Path) -> None:
                 if actual == expected:
                     part.rename(staging / name)
                     break
-                problems.append(f"{mirror}: md5 {actual} != {expected} ({part.stat().st_size} bytes; corrupt or truncated)")
+                problems.append(
+                    f"{mirror}: md5 {actual} != {expected} ({part.stat().st_size} bytes; corrupt or truncated)"
+                )
                 part.unlink()
             else:
-                raise DataError(f"could not get a good {name}: " + "; ".join(problems)
-                                + f" - fix or replace that file, or set {MIRROR_ENV} to a folder with the original")
+                raise DataError(
+                    f"could not get a good {name}: "
+                    + "; ".join(problems)
+                    + f" - fix or replace that file, or set {MIRROR_ENV} to a folder with the original"
+                )
         if raw_dir.exists():
             shutil.rmtree(raw_dir)
         staging.rename(raw_dir)
@@ -139,7 +144,7 @@ class Digits:
         save_torch({"images": self.images, "labels": self.labels}, path)
 
     @classmethod
-    def load(cls, path: Path) -> "Digits":
+    def load(cls, path: Path) -> Digits:
         if not Path(path).is_file():
             raise DataError(f"{path} not found; run `dvc repro split` first")
         blob = torch.load(path, weights_only=True)

@@ -56,10 +56,8 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.files import write_json
-from digitgen.models import (IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize,
-                             resolve_device)
-from digitgen.params import DigitgenError, EvaluateParams
-from digitgen.params import config_name
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize, resolve_device
+from digitgen.params import DigitgenError, EvaluateParams, config_name
 
 # Every metric and which way is better: the one declaration that aggregate and the CI gate read.
 # The *_std values written beside the Inception Scores are spreads over splits, not metrics.
@@ -83,8 +81,13 @@ METRICS = {
     "precision_inception": "higher",
     "recall_inception": "higher",
 }
-INCEPTION_METRICS = ("fid_inception", "inception_score_inception", "kid_inception", "precision_inception",
-                     "recall_inception")
+INCEPTION_METRICS = (
+    "fid_inception",
+    "inception_score_inception",
+    "kid_inception",
+    "precision_inception",
+    "recall_inception",
+)
 
 
 class EvaluateError(DigitgenError):
@@ -132,14 +135,17 @@ def inception_weights(configured: str | None) -> tuple[Path | None, str]:
     """Where Inception's weights are (params' path, else torch hub's cache), or None and why not."""
     if configured is not None:
         if not Path(configured).is_file():
-            raise EvaluateError(f"evaluate.inception_weights: {configured} not found; point it at torch-fidelity's "
-                                f"{Path(URL_INCEPTION_V3).name} or set it to null")
+            raise EvaluateError(
+                f"evaluate.inception_weights: {configured} not found; point it at torch-fidelity's "
+                f"{Path(URL_INCEPTION_V3).name} or set it to null"
+            )
         return Path(configured), ""
     cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(URL_INCEPTION_V3).name
     if cached.is_file():
         return cached, ""
-    return None, (f"no Inception weights: evaluate.inception_weights is null and torch hub's cache has no "
-                  f"{cached.name}")
+    return None, (
+        f"no Inception weights: evaluate.inception_weights is null and torch hub's cache has no {cached.name}"
+    )
 
 
 def register_inception(path: Path) -> str:
@@ -163,7 +169,7 @@ class Judge:
     device: torch.device
 
     @classmethod
-    def load(cls, classifier_path: Path, params: EvaluateParams, cache_root: Path) -> "Judge":
+    def load(cls, classifier_path: Path, params: EvaluateParams, cache_root: Path) -> Judge:
         device = resolve_device(params.device)
         model = classifier.load_classifier(classifier_path).to(device)
         extractors = [Extractor("", classifier.register_feature_extractor(classifier_path), None, 1)]
@@ -179,20 +185,33 @@ class Judge:
         for extractor in self.extractors:
             kwargs = {}
             if reference is not None:  # KID draws subsets: no larger than either set
-                kwargs = {"input2": replace(reference, channels=extractor.channels),
-                          "input2_cache_name": reference.cache_name,
-                          "kid_subset_size": min(self.params.kid_subset_size, len(images), len(reference)),
-                          "kid_subsets": self.params.kid_subsets,
-                          "prc_neighborhood": self.params.prc_neighborhood, "prc_batch_size": self.params.batch_size}
+                kwargs = {
+                    "input2": replace(reference, channels=extractor.channels),
+                    "input2_cache_name": reference.cache_name,
+                    "kid_subset_size": min(self.params.kid_subset_size, len(images), len(reference)),
+                    "kid_subsets": self.params.kid_subsets,
+                    "prc_neighborhood": self.params.prc_neighborhood,
+                    "prc_batch_size": self.params.batch_size,
+                }
             got = torch_fidelity.calculate_metrics(
-                input1=replace(images, channels=extractor.channels), input1_cache_name=images.cache_name,
-                isc=isc, fid=reference is not None, kid=reference is not None, prc=reference is not None,
+                input1=replace(images, channels=extractor.channels),
+                input1_cache_name=images.cache_name,
+                isc=isc,
+                fid=reference is not None,
+                kid=reference is not None,
+                prc=reference is not None,
                 feature_extractor=extractor.name,
-                feature_extractor_weights_path=extractor.weights_path, isc_splits=self.params.is_splits,
-                batch_size=self.params.batch_size, cuda=self.device.type == "cuda", rng_seed=self.params.seed,
-                cache_root=str(self.cache_root), verbose=False, **kwargs,
+                feature_extractor_weights_path=extractor.weights_path,
+                isc_splits=self.params.is_splits,
+                batch_size=self.params.batch_size,
+                cuda=self.device.type == "cuda",
+                rng_seed=self.params.seed,
+                cache_root=str(self.cache_root),
+                verbose=False,
+                **kwargs,
                 samples_shuffle=True,  # IS splits must mix digits: generated images come grouped by digit
-                save_cpu_ram=True)  # no DataLoader worker processes: the images are already in memory
+                save_cpu_ram=True,
+            )  # no DataLoader worker processes: the images are already in memory
             if isc:
                 metrics[f"inception_score{extractor.suffix}"] = got[torch_fidelity.KEY_METRIC_ISC_MEAN]
                 metrics[f"inception_score{extractor.suffix}_std"] = got[torch_fidelity.KEY_METRIC_ISC_STD]
@@ -207,34 +226,43 @@ class Judge:
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The classifier's features (FID's space) of uint8 images."""
-        return torch.cat([self.classifier(images[i : i + self.params.batch_size].to(self.device))[0].cpu().double()
-                          for i in range(0, len(images), self.params.batch_size)])
+        return torch.cat(
+            [
+                self.classifier(images[i : i + self.params.batch_size].to(self.device))[0].cpu().double()
+                for i in range(0, len(images), self.params.batch_size)
+            ]
+        )
 
     def fid_per_digit(self, images: torch.Tensor, digits: torch.Tensor, reference: Digits) -> dict[str, float]:
-        """fid_digit<d>: FID of the images drawn for digit d against the reference images of d; fid_per_digit their mean."""
+        """fid_digit<d>: FID of the images drawn for digit d against the reference images of d; fid_per_digit their
+        mean."""
         ours, theirs = self.features(images), self.features(reference.images.unsqueeze(1))
         metrics = {}
         for digit in range(NUM_DIGITS):
             stats = [fid_features_to_statistics(f) for f in (ours[digits == digit], theirs[reference.labels == digit])]
-            metrics[f"fid_digit{digit}"] = fid_statistics_to_metric(*stats, verbose=False)[torch_fidelity.KEY_METRIC_FID]
+            metrics[f"fid_digit{digit}"] = fid_statistics_to_metric(*stats, verbose=False)[
+                torch_fidelity.KEY_METRIC_FID
+            ]
         metrics["fid_per_digit"] = sum(metrics.values()) / NUM_DIGITS
         return metrics
 
-    def generation_metrics(self, images: torch.Tensor, digits: torch.Tensor,
-                           reference: Digits | None) -> dict[str, float]:
+    def generation_metrics(
+        self, images: torch.Tensor, digits: torch.Tensor, reference: Digits | None
+    ) -> dict[str, float]:
         """gen_accuracy, distinct_fraction, IS and (given reference images) FID, KID, precision/recall and FID
         per digit of uint8 images drawn for `digits`."""
         predicted = self.classifier.logits(images, self.params.batch_size).argmax(1)
-        metrics = {"gen_accuracy": (predicted == digits).sum().item() / len(digits),
-                   "distinct_fraction": len(torch.unique(images.flatten(1), dim=0)) / len(images)}
+        metrics = {
+            "gen_accuracy": (predicted == digits).sum().item() / len(digits),
+            "distinct_fraction": len(torch.unique(images.flatten(1), dim=0)) / len(images),
+        }
         metrics.update(self.fidelity(ImageSet(images), real_set(reference, "test") if reference is not None else None))
         if reference is not None:
             metrics.update(self.fid_per_digit(images, digits, reference))
         return metrics
 
 
-def fitted_latents(model: Model, train: Digits, digits: torch.Tensor,
-                   generator: torch.Generator) -> torch.Tensor:
+def fitted_latents(model: Model, train: Digits, digits: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Latents drawn per digit from a Gaussian fitted to that digit's training latents (image+digit input).
 
     For the CVAE each training image contributes one posterior draw, so the fit matches the aggregate
@@ -254,8 +282,9 @@ def fitted_latents(model: Model, train: Digits, digits: torch.Tensor,
 
 
 @torch.no_grad()
-def generate(model: Model, digits: torch.Tensor, sampler: str, train: Digits,
-             generator: torch.Generator) -> torch.Tensor:
+def generate(
+    model: Model, digits: torch.Tensor, sampler: str, train: Digits, generator: torch.Generator
+) -> torch.Tensor:
     """Images N x 784 in [0, 1] from digits alone. study: the model's own way (the digit-only path for the
     study's models: CVAE z = mu + sigma * noise, the CAE deterministic); fitted: latents from
     `fitted_latents`; prior: z ~ N(0, I)."""
@@ -319,8 +348,10 @@ def seed_models(models_dir: Path) -> dict[str, Path]:
     """{seed: model file} of one trained configuration (models/<config>/seed<s>.pt), in seed order."""
     found = {path.stem.removeprefix("seed"): path for path in Path(models_dir).glob("seed*.pt")}
     if not found:
-        raise EvaluateError(f"no trained seeds (seed*.pt) in {models_dir}; train this configuration first "
-                            f"(`dvc repro train@{Path(models_dir).name}`)")
+        raise EvaluateError(
+            f"no trained seeds (seed*.pt) in {models_dir}; train this configuration first "
+            f"(`dvc repro train@{Path(models_dir).name}`)"
+        )
     return dict(sorted(found.items(), key=lambda item: int(item[0])))
 
 
@@ -337,20 +368,25 @@ def blurred(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return x.round().clamp(0, 255).to(torch.uint8)
 
 
-def reference_points(params: EvaluateParams, train: Digits, held_out: Digits) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def reference_points(
+    params: EvaluateParams, train: Digits, held_out: Digits
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{name: (uint8 images, the digits they are for)}: the "generators" that place a model's numbers."""
     digits = generated_digits(params)
     real = Digits(held_out.images[: params.n_generated], held_out.labels[: params.n_generated])
     means = torch.stack([train.images[train.labels == d].float().mean(0) for d in range(NUM_DIGITS)])
     noise = torch.rand(len(digits), IMAGE_DIM, generator=torch.Generator().manual_seed(params.seed))
-    return {"held_out_real": (real.images.unsqueeze(1), real.labels),
-            "blurred_real": (blurred(real.images.unsqueeze(1), params.reference_blur_sigma), real.labels),
-            "digit_means": (means.round().to(torch.uint8)[digits].unsqueeze(1), digits),
-            "uniform_noise": (to_uint8(noise), digits)}
+    return {
+        "held_out_real": (real.images.unsqueeze(1), real.labels),
+        "blurred_real": (blurred(real.images.unsqueeze(1), params.reference_blur_sigma), real.labels),
+        "digit_means": (means.round().to(torch.uint8)[digits].unsqueeze(1), digits),
+        "uniform_noise": (to_uint8(noise), digits),
+    }
 
 
-def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path,
-                  cache_root: Path) -> dict:
+def run_reference(
+    params: EvaluateParams, classifier_path: Path, prepared_dir: Path, out_path: Path, cache_root: Path
+) -> dict:
     """Stage `reference`: the metrics of real digits, once, the test set's cached features, and every
     generation metric for the reference points (`reference_points`) against the test images."""
     judge = Judge.load(classifier_path, params, cache_root)
@@ -358,8 +394,10 @@ def run_reference(params: EvaluateParams, classifier_path: Path, prepared_dir: P
     test_set = real_set(test, "test")
     reference = judge.generation_metrics(test_set.images, test.labels, None)
     reference.update(judge.fidelity(real_set(val, "val"), test_set, isc=False))
-    reference["points"] = {name: judge.generation_metrics(images, digits, test)
-                           for name, (images, digits) in reference_points(params, train, val).items()}
+    reference["points"] = {
+        name: judge.generation_metrics(images, digits, test)
+        for name, (images, digits) in reference_points(params, train, val).items()
+    }
     reference["skipped"] = judge.skipped
     write_json(reference, out_path)
     return reference
@@ -378,13 +416,29 @@ class ConfigEvaluation:
     test_file: Path  # the prepared test split, logged as the evaluation's dataset
 
     @classmethod
-    def load(cls, params: EvaluateParams, experiment: str, kind: str, latent_dim: int, models_dir: Path,
-             classifier_path: Path, prepared_dir: Path, cache_root: Path) -> "ConfigEvaluation":
+    def load(
+        cls,
+        params: EvaluateParams,
+        experiment: str,
+        kind: str,
+        latent_dim: int,
+        models_dir: Path,
+        classifier_path: Path,
+        prepared_dir: Path,
+        cache_root: Path,
+    ) -> ConfigEvaluation:
         models = seed_models(models_dir)
         judge = Judge.load(classifier_path, params, cache_root)
         test = load_split(prepared_dir, "test")
-        return cls(config_name(kind, latent_dim), experiment, models, judge, load_split(prepared_dir, "train"),
-                   test, Path(prepared_dir) / "test.pt")
+        return cls(
+            config_name(kind, latent_dim),
+            experiment,
+            models,
+            judge,
+            load_split(prepared_dir, "train"),
+            test,
+            Path(prepared_dir) / "test.pt",
+        )
 
     def seeds(self) -> list[str]:
         return list(self.models)
@@ -399,27 +453,52 @@ class ConfigEvaluation:
         settings = tracking.flatten({"evaluate": {**asdict(params), "device": str(self.judge.device)}})
         run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed], settings)
         title = f"{self.name} seed{seed}: digits 0-9, one per row ({params.sampler} sampler)"
-        tracking.log_evaluation(run_id, metrics, settings, self.test_file,
-                                figures.digit_grid(grid, params.grid_columns, title))
+        tracking.log_evaluation(
+            run_id, metrics, settings, self.test_file, figures.digit_grid(grid, params.grid_columns, title)
+        )
         return metrics, grid
 
 
-def run_evaluate(params: EvaluateParams, experiment: str, kind: str, latent_dim: int, models_dir: Path,
-                 classifier_path: Path, prepared_dir: Path, out_dir: Path, cache_root: Path) -> dict:
+def run_evaluate(
+    params: EvaluateParams,
+    experiment: str,
+    kind: str,
+    latent_dim: int,
+    models_dir: Path,
+    classifier_path: Path,
+    prepared_dir: Path,
+    out_dir: Path,
+    cache_root: Path,
+) -> dict:
     """Stage `evaluate`: every seed of one configuration; metrics to JSON and to each seed's training run."""
-    evaluation = ConfigEvaluation.load(params, experiment, kind, latent_dim, models_dir, classifier_path,
-                                       prepared_dir, cache_root)
+    evaluation = ConfigEvaluation.load(
+        params, experiment, kind, latent_dim, models_dir, classifier_path, prepared_dir, cache_root
+    )
     name, seeds, grids = evaluation.name, {}, []
     for seed in evaluation.seeds():
         started = time.perf_counter()
         seeds[seed], grid = evaluation.evaluate(seed)
         grids.append(grid)
-        print(f"{name} seed{seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in seeds[seed].items())
-              + f" ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
-    result = {"config": name, "sampler": params.sampler, "n_generated": params.n_generated, "seeds": seeds,
-              "skipped": evaluation.judge.skipped}
+        print(
+            f"{name} seed{seed}: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in seeds[seed].items())
+            + f" ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+        )
+    result = {
+        "config": name,
+        "sampler": params.sampler,
+        "n_generated": params.n_generated,
+        "seeds": seeds,
+        "skipped": evaluation.judge.skipped,
+    }
     write_json(result, Path(out_dir) / f"{name}.json")
-    figures.save(figures.digit_grid(torch.cat(grids), params.grid_columns,
-                                    f"{name} ({params.sampler} sampler): digits 0-9 per row, seed after seed"),
-                 Path(out_dir) / f"{name}-samples.png")
+    figures.save(
+        figures.digit_grid(
+            torch.cat(grids),
+            params.grid_columns,
+            f"{name} ({params.sampler} sampler): digits 0-9 per row, seed after seed",
+        ),
+        Path(out_dir) / f"{name}-samples.png",
+    )
     return result

@@ -29,8 +29,16 @@ def tile(images: torch.Tensor, nrow: int) -> torch.Tensor:
     return canvas
 
 
-def digit_grid(images: torch.Tensor, nrow: int, title: str = "", *, col_labels: list[str] | None = None,
-               row_labels: list[str] | None = None, xlabel: str = "", ylabel: str = "") -> Figure:
+def digit_grid(
+    images: torch.Tensor,
+    nrow: int,
+    title: str = "",
+    *,
+    col_labels: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Figure:
     """Images (N x 784 or N x 28 x 28, values in [0, 1]) tiled row by row, nrow images per row.
 
     col_labels / row_labels name the tiles' columns (below) and rows (left); xlabel / ylabel the axes.
@@ -91,7 +99,7 @@ def loss_curve_panels(panels: dict[str, dict[str, list[dict[str, float]]]], titl
     """One panel per model side by side (the study's Figures 3-6); in each, train (solid) and validation
     (dashed) loss per epoch, one colour per labelled history (seed)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False, sharey=True)
-    for ax, (panel_title, histories) in zip(axes[0], panels.items()):
+    for ax, (panel_title, histories) in zip(axes[0], panels.items(), strict=False):
         _loss_axes(ax, histories, panel_title)
     if title:
         fig.suptitle(title)
@@ -102,8 +110,11 @@ def loss_curve_panels(panels: dict[str, dict[str, list[dict[str, float]]]], titl
 def reconstruction_grid(model, images: torch.Tensor, digits: torch.Tensor) -> Figure:
     """Originals (top row) over the model's reconstructions from image + digit (bottom row)."""
     reconstructions, _ = model.reconstruct(images.reshape(len(images), -1), digits)
-    return digit_grid(torch.cat([images.reshape(len(images), -1), reconstructions]), nrow=len(images),
-                      title="originals (top), reconstructions (bottom)")
+    return digit_grid(
+        torch.cat([images.reshape(len(images), -1), reconstructions]),
+        nrow=len(images),
+        title="originals (top), reconstructions (bottom)",
+    )
 
 
 def generation_grid(model, seed: int) -> Figure:

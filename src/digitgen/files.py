@@ -30,11 +30,13 @@ class StorageError(DigitgenError):
 def storage_error(err: OSError, path: Path) -> StorageError:
     """One line for an OSError at `path`: what went wrong there and what to do about it."""
     if err.errno == errno.ENOSPC:
-        return StorageError(f"no space left on {path}; free some space there (or write elsewhere) and run the same "
-                            "command again")
+        return StorageError(
+            f"no space left on {path}; free some space there (or write elsewhere) and run the same command again"
+        )
     if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return StorageError(f"{path} is not writable ({os.strerror(err.errno)}); make it writable or choose another "
-                            "output folder")
+        return StorageError(
+            f"{path} is not writable ({os.strerror(err.errno)}); make it writable or choose another output folder"
+        )
     return StorageError(f"{path}: {os.strerror(err.errno) if err.errno else err}")
 
 
@@ -59,7 +61,8 @@ def write_atomic(path: str | Path, data: bytes | str) -> Path:
 
 
 def write_json(data: object, path: str | Path) -> Path:
-    """`data` as indented JSON (a final newline, as git likes), written atomically: every JSON output goes through here."""
+    """`data` as indented JSON (a final newline, as git likes), written atomically: every JSON output goes
+    through here."""
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
@@ -116,8 +119,10 @@ def folder_lock(folder: Path, owner: str):
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
-            raise StorageError(f"{folder} is in use by another {owner} (PID {holder}); wait for it to finish or stop "
-                               f"it (kill {holder}), then run this command again") from None
+            raise StorageError(
+                f"{folder} is in use by another {owner} (PID {holder}); wait for it to finish or stop "
+                f"it (kill {holder}), then run this command again"
+            ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))
         handle.flush()

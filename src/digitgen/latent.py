@@ -51,14 +51,17 @@ def first_of_each_digit(digits: Digits) -> torch.Tensor:
     return torch.stack([(digits.labels == d).nonzero()[0, 0] for d in range(NUM_DIGITS)])
 
 
-def run_label_cvae_figures(params: LatentFigureParams, models_dir: Path, prepared_dir: Path,
-                           out_dir: Path) -> list[Path]:
+def run_label_cvae_figures(
+    params: LatentFigureParams, models_dir: Path, prepared_dir: Path, out_dir: Path
+) -> list[Path]:
     """Stage `label_cvae_figures`: the four PNGs from the model of seed params.seed, on the test set."""
     path = Path(models_dir) / f"seed{params.seed}.pt"
     model = load_model(path)
     if not isinstance(model, LabelCVAE):
-        raise UnsupportedTask(f"{path} holds a {model.config.kind} model; these figures are the label CVAE's "
-                              "(models/label_cvae-<latent_dim>)")
+        raise UnsupportedTask(
+            f"{path} holds a {model.config.kind} model; these figures are the label CVAE's "
+            "(models/label_cvae-<latent_dim>)"
+        )
     test = load_split(prepared_dir, "test")
     images, labels = test.float_images(), test.labels
     with torch.no_grad():
@@ -71,20 +74,42 @@ def run_label_cvae_figures(params: LatentFigureParams, models_dir: Path, prepare
     ticks = [f"{round(v, 1) + 0.0:.1f}" for v in values.tolist()]  # + 0.0 turns -0.0 into 0.0
     out_dir = Path(out_dir)
     return [
-        figures.save(figures.digit_grid(
-            table, nrow=NUM_DIGITS + 1, col_labels=["input", *map(str, range(NUM_DIGITS))], xlabel="decoded as",
-            title="style vs identity: each input's z (encoded with its label) decoded with every label"),
-            out_dir / "style_vs_identity.png"),
-        figures.save(figures.latent_scatter(
-            mu[:, :2], labels, title=f"latent means of the {len(labels)} test images (encoded with their labels)"),
-            out_dir / "latent_scatter.png"),
-        figures.save(figures.digit_grid(
-            plane, nrow=params.plane_size, col_labels=ticks, row_labels=ticks[::-1], xlabel="z1", ylabel="z2",
-            title=f"digit {params.plane_digit} decoded over the latent plane"),
-            out_dir / "latent_plane.png"),
-        figures.save(figures.digit_grid(
-            samples(model, params.samples_per_digit, params.noise_seed), nrow=params.samples_per_digit,
-            row_labels=list(map(str, range(NUM_DIGITS))), ylabel="digit",
-            title="each digit in varied styles, z ~ N(0, I)"),
-            out_dir / "samples.png"),
+        figures.save(
+            figures.digit_grid(
+                table,
+                nrow=NUM_DIGITS + 1,
+                col_labels=["input", *map(str, range(NUM_DIGITS))],
+                xlabel="decoded as",
+                title="style vs identity: each input's z (encoded with its label) decoded with every label",
+            ),
+            out_dir / "style_vs_identity.png",
+        ),
+        figures.save(
+            figures.latent_scatter(
+                mu[:, :2], labels, title=f"latent means of the {len(labels)} test images (encoded with their labels)"
+            ),
+            out_dir / "latent_scatter.png",
+        ),
+        figures.save(
+            figures.digit_grid(
+                plane,
+                nrow=params.plane_size,
+                col_labels=ticks,
+                row_labels=ticks[::-1],
+                xlabel="z1",
+                ylabel="z2",
+                title=f"digit {params.plane_digit} decoded over the latent plane",
+            ),
+            out_dir / "latent_plane.png",
+        ),
+        figures.save(
+            figures.digit_grid(
+                samples(model, params.samples_per_digit, params.noise_seed),
+                nrow=params.samples_per_digit,
+                row_labels=list(map(str, range(NUM_DIGITS))),
+                ylabel="digit",
+                title="each digit in varied styles, z ~ N(0, I)",
+            ),
+            out_dir / "samples.png",
+        ),
     ]

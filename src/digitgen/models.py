@@ -4,8 +4,11 @@ label-conditioned CVAE.
 Both read an image, a digit, or both, and write both an image and a digit:
 
     image (784) -> FC 512 -> ReLU -> FC 512 -> ReLU --\
-                                                      (+) -> latent -> FC 512 -> ReLU -> FC 512 -> ReLU -> FC 784 -> sigmoid (image)
-    digit (10)  -> FC 512 -> ReLU -> FC 512 -> ReLU --/                                                -> FC 10 -> log-softmax (digit)
+                                                      (+) -> latent (decoded below)
+    digit (10)  -> FC 512 -> ReLU -> FC 512 -> ReLU --/
+
+    latent -> FC 512 -> ReLU -> FC 512 -> ReLU -> FC 784 -> sigmoid (image)
+                                               \-> FC 10 -> log-softmax (digit)
 
 The CAE projects the fused vector to the latent with one FC layer; the CVAE projects it to mu and
 log sigma^2 and samples z = mu + sigma * eps. An absent input adds nothing to the fused sum, which
@@ -19,8 +22,8 @@ sides see the one-hot label, so the latent is left to carry the handwriting styl
 
 The prior CVAE (kind `pcvae`, "beyond the study") keeps the three input modes and both outputs, but
 its decoder also sees the digit, its latent has a per-digit prior p(z|y) = N(mu_y, sigma_y^2), learned
-in training and saved with the weights, that generation draws from, its label term is weighted (MVAE), its KL term is warmed up, and its image
-pathways may be convolutional:
+in training and saved with the weights, that generation draws from, its label term is weighted (MVAE),
+its KL term is warmed up, and its image pathways may be convolutional:
 
     image (28x28) -> [conv 4x4/2 -> ReLU] x len(channels) -> FC 512 -> ReLU --\
                                                                              (+) -> mu, log sigma^2 -> z
@@ -90,7 +93,7 @@ class Losses(NamedTuple):
 def _mlp(*widths: int) -> nn.Sequential:
     """FC -> ReLU from each width to the next."""
     layers = []
-    for in_dim, out_dim in zip(widths, widths[1:]):
+    for in_dim, out_dim in zip(widths, widths[1:], strict=False):
         layers += [nn.Linear(in_dim, out_dim), nn.ReLU()]
     return nn.Sequential(*layers)
 
@@ -188,7 +191,9 @@ class JointAutoencoder(nn.Module):
         """Digit log-probabilities (N x 10) from images alone."""
         return self.decoder(self.encode(images, None)[0])[1]
 
-    def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, images: torch.Tensor, digits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images N x 784 in [0, 1], digit log-probabilities N x 10) from images, with or without digits."""
         image_logits, digit_log_probs = self.decoder(self.encode(images, digits)[0])
         return image_logits.sigmoid(), digit_log_probs
@@ -304,8 +309,10 @@ class LabelCVAE(nn.Module):
         return self.decoder(z, digits).sigmoid()
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
-        raise UnsupportedTask("the label CVAE cannot classify: it predicts no digit and needs the label to encode an "
-                              "image; report classification accuracy as not applicable")
+        raise UnsupportedTask(
+            "the label CVAE cannot classify: it predicts no digit and needs the label to encode an "
+            "image; report classification accuracy as not applicable"
+        )
 
     def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None) -> tuple[torch.Tensor, None]:
         """(images N x 784 in [0, 1], None): decoded from the posterior mean; the label is required, and
@@ -316,8 +323,9 @@ class LabelCVAE(nn.Module):
 PRIOR_MIN_VARIANCE = 1e-4  # a floor under sigma_y^2: a running second moment minus a squared mean can dip below 0
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor,
-                prior_logvar: torch.Tensor) -> torch.Tensor:
+def gaussian_kl(
+    mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor, prior_logvar: torch.Tensor
+) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(prior_mu, prior_sigma^2)) per sample, in closed form, summed over the latent."""
     return 0.5 * (prior_logvar - logvar + (logvar.exp() + (mu - prior_mu).pow(2)) / prior_logvar.exp() - 1).sum(-1)
 
@@ -351,10 +359,12 @@ class ImageDecoder(nn.Module):
             self.body = nn.Sequential(_pathway(latent_dim + NUM_DIGITS, hidden_dim), nn.Linear(hidden_dim, IMAGE_DIM))
             return
         side = 28 >> len(channels)
-        layers = [*_mlp(latent_dim + NUM_DIGITS, hidden_dim, channels[-1] * side * side),
-                  nn.Unflatten(1, (channels[-1], side, side))]
+        layers = [
+            *_mlp(latent_dim + NUM_DIGITS, hidden_dim, channels[-1] * side * side),
+            nn.Unflatten(1, (channels[-1], side, side)),
+        ]
         widths = [*channels[::-1], 1]
-        for i, (in_ch, out_ch) in enumerate(zip(widths, widths[1:])):
+        for i, (in_ch, out_ch) in enumerate(zip(widths, widths[1:], strict=False)):
             layers.append(nn.ConvTranspose2d(in_ch, out_ch, 4, stride=2, padding=1))
             if i < len(channels) - 1:
                 layers.append(nn.ReLU())
@@ -399,7 +409,9 @@ class PriorCVAE(nn.Module):
         self.register_buffer("prior_mu", torch.zeros(NUM_DIGITS, config.latent_dim))
         self.register_buffer("prior_second_moment", torch.ones(NUM_DIGITS, config.latent_dim))  # E[z^2] under q
         self.image_decoder = ImageDecoder(config.latent_dim, config.channels, config.hidden_dim)
-        self.digit_head = nn.Sequential(*_mlp(config.latent_dim, config.hidden_dim), nn.Linear(config.hidden_dim, NUM_DIGITS))
+        self.digit_head = nn.Sequential(
+            *_mlp(config.latent_dim, config.hidden_dim), nn.Linear(config.hidden_dim, NUM_DIGITS)
+        )
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))  # drives the KL warm-up; saved
 
     def prior(self, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +447,8 @@ class PriorCVAE(nn.Module):
         return min(1.0, self.batches_seen.item() / self.config.kl_warmup_batches)
 
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
-        """images: N x 784 or None; digits: N or None. The image is decoded with the given digit, else the predicted one."""
+        """images: N x 784 or None; digits: N or None. The image is decoded with the given digit, else the
+        predicted one."""
         mu, logvar = self.encode(images, digits)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if sample else None)
         digit_log_probs = F.log_softmax(self.digit_head(z), dim=-1)
@@ -450,7 +463,11 @@ class PriorCVAE(nn.Module):
         nll = F.nll_loss(F.log_softmax(self.digit_head(z), dim=-1), digits)
         if input_mode == "digit":
             with torch.no_grad():
-                bce = F.binary_cross_entropy_with_logits(self.image_decoder(z, digits), images, reduction="none").sum(1).mean()
+                bce = (
+                    F.binary_cross_entropy_with_logits(self.image_decoder(z, digits), images, reduction="none")
+                    .sum(1)
+                    .mean()
+                )
             return Losses(self.config.label_weight * nll, bce, nll, torch.zeros_like(nll))
         bce = F.binary_cross_entropy_with_logits(self.image_decoder(z, digits), images, reduction="none").sum(1).mean()
         kl = gaussian_kl(mu, logvar, *self.prior(digits)).mean()
@@ -473,7 +490,9 @@ class PriorCVAE(nn.Module):
         """Digit log-probabilities (N x 10) from images alone, read from the posterior mean."""
         return F.log_softmax(self.digit_head(self.encode(images, None)[0]), dim=-1)
 
-    def reconstruct(self, images: torch.Tensor, digits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def reconstruct(
+        self, images: torch.Tensor, digits: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(images N x 784 in [0, 1], digit log-probabilities N x 10) from the posterior mean; without
         digits the image is decoded with the predicted digit."""
         out = self(images, digits, sample=False)
@@ -491,11 +510,15 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    present = {"cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
-               "mps": torch.backends.mps.is_available()}.get(device.type, True)
+    present = {
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }.get(device.type, True)
     if not present:
-        raise DigitgenError(f"device {name} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
-                            "GPUs); set the stage's device to auto or cpu in params.yaml (or pass --device cpu)")
+        raise DigitgenError(
+            f"device {name} is not on this machine (torch sees {torch.cuda.device_count()} CUDA "
+            "GPUs); set the stage's device to auto or cpu in params.yaml (or pass --device cpu)"
+        )
     return device
 
 
@@ -529,11 +552,15 @@ def load_model(path: Path, map_location: str | torch.device = "cpu") -> Model:
         raise ModelNotFoundError(f"{path} not found; train it first (`dvc repro`) or give the path of a trained model")
     blob = torch.load(path, map_location=map_location, weights_only=True)
     if not (isinstance(blob, dict) and {"config", "state_dict"} <= blob.keys()):
-        raise ModelFileError(f"{path} holds a {type(blob).__name__}, not a digitgen model (a dict of config and "
-                             "state_dict); give a model file written by `digitgen train`")
+        raise ModelFileError(
+            f"{path} holds a {type(blob).__name__}, not a digitgen model (a dict of config and "
+            "state_dict); give a model file written by `digitgen train`"
+        )
     if "sha256" in blob and weights_checksum(blob["config"], blob["state_dict"]) != blob["sha256"]:
-        raise ModelFileError(f"{path} is corrupt: its weights do not match the checksum saved with them; delete it "
-                             "and retrain (`dvc repro`) or fetch a good copy")
+        raise ModelFileError(
+            f"{path} is corrupt: its weights do not match the checksum saved with them; delete it "
+            "and retrain (`dvc repro`) or fetch a good copy"
+        )
     model = build_model(ModelConfig(**blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval()

@@ -83,8 +83,12 @@ class StudyParams:
         for kind in self.models:
             _require(kind in MODEL_KINDS, "models", f"a list of {', '.join(MODEL_KINDS)}", self.models)
         _require(len(self.models) > 0, "models", "a non-empty list", self.models)
-        _require(all(d > 0 for d in self.latent_dims) and self.latent_dims, "latent_dims",
-                 "a non-empty list of positive integers", self.latent_dims)
+        _require(
+            all(d > 0 for d in self.latent_dims) and self.latent_dims,
+            "latent_dims",
+            "a non-empty list of positive integers",
+            self.latent_dims,
+        )
 
 
 @dataclass(frozen=True)
@@ -107,15 +111,23 @@ class TrainParams:
     max_loss: float = 1000.0  # an epoch's mean training loss above this (or any NaN) stops training as diverged
 
     def __post_init__(self) -> None:
-        _require(len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds), "seeds",
-                 "a non-empty list of distinct integers", self.seeds)
+        _require(
+            len(self.seeds) > 0 and len(set(self.seeds)) == len(self.seeds),
+            "seeds",
+            "a non-empty list of distinct integers",
+            self.seeds,
+        )
         _require(self.epochs > 0, "epochs", "a positive integer", self.epochs)
         _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
         _require(self.lr >= 0, "lr", "a non-negative number", self.lr)
         for mode in self.input_modes:
             _require(mode in INPUT_MODES, "input_modes", f"keys among {', '.join(INPUT_MODES)}", mode)
-        _require(all(w >= 0 for w in self.input_modes.values()) and sum(self.input_modes.values()) > 0,
-                 "input_modes", "non-negative weights with a positive sum", self.input_modes)
+        _require(
+            all(w >= 0 for w in self.input_modes.values()) and sum(self.input_modes.values()) > 0,
+            "input_modes",
+            "non-negative weights with a positive sum",
+            self.input_modes,
+        )
         _require_device(self.device)
         _require(self.max_loss > 0, "max_loss", "a positive number", self.max_loss)
 
@@ -137,8 +149,12 @@ class ExecutionParams:
 
 
 def _require_device(device: str) -> None:
-    _require(device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps"), "device",
-             "auto, cpu, cuda, cuda:N or mps", device)
+    _require(
+        device == "auto" or device.split(":")[0] in ("cpu", "cuda", "mps"),
+        "device",
+        "auto, cpu, cuda, cuda:N or mps",
+        device,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,10 +176,18 @@ class ClassifierParams:
         _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
         _require(self.lr > 0, "lr", "a positive number", self.lr)
         # each block halves the 28-pixel side; three blocks leave 3 x 3
-        _require(1 <= len(self.channels) <= 3 and all(c > 0 for c in self.channels), "channels",
-                 "a list of 1 to 3 positive integers", self.channels)
-        _require(self.kernel_size > 0 and self.kernel_size % 2 == 1, "kernel_size",
-                 "a positive odd integer (padding keeps the image size)", self.kernel_size)
+        _require(
+            1 <= len(self.channels) <= 3 and all(c > 0 for c in self.channels),
+            "channels",
+            "a list of 1 to 3 positive integers",
+            self.channels,
+        )
+        _require(
+            self.kernel_size > 0 and self.kernel_size % 2 == 1,
+            "kernel_size",
+            "a positive odd integer (padding keeps the image size)",
+            self.kernel_size,
+        )
         _require(self.feature_dim > 0, "feature_dim", "a positive integer", self.feature_dim)
         _require(0 <= self.min_test_accuracy <= 1, "min_test_accuracy", "in 0..1", self.min_test_accuracy)
         _require_device(self.device)
@@ -190,17 +214,30 @@ class EvaluateParams:
         _require(self.kid_subset_size > 1, "kid_subset_size", "an integer of at least 2", self.kid_subset_size)
         _require(self.kid_subsets > 0, "kid_subsets", "a positive integer", self.kid_subsets)
         _require(self.prc_neighborhood > 0, "prc_neighborhood", "a positive integer", self.prc_neighborhood)
-        _require(self.reference_blur_sigma > 0, "reference_blur_sigma", "a positive number (pixels)",
-                 self.reference_blur_sigma)
-        _require(self.n_generated >= 10 and self.n_generated % 10 == 0, "n_generated",
-                 "a positive multiple of 10 (equally many images per digit)", self.n_generated)
+        _require(
+            self.reference_blur_sigma > 0,
+            "reference_blur_sigma",
+            "a positive number (pixels)",
+            self.reference_blur_sigma,
+        )
+        _require(
+            self.n_generated >= 10 and self.n_generated % 10 == 0,
+            "n_generated",
+            "a positive multiple of 10 (equally many images per digit)",
+            self.n_generated,
+        )
         _require(self.sampler in SAMPLERS, "sampler", f"one of {', '.join(SAMPLERS)}", self.sampler)
         _require(1 <= self.is_splits <= self.n_generated, "is_splits", "in 1..n_generated", self.is_splits)
         _require(self.batch_size > 0, "batch_size", "a positive integer", self.batch_size)
-        _require(self.inception_weights is None or bool(self.inception_weights.strip()), "inception_weights",
-                 "a path or null", self.inception_weights)
-        _require(1 <= self.grid_columns <= self.n_generated // 10, "grid_columns", "in 1..n_generated/10",
-                 self.grid_columns)
+        _require(
+            self.inception_weights is None or bool(self.inception_weights.strip()),
+            "inception_weights",
+            "a path or null",
+            self.inception_weights,
+        )
+        _require(
+            1 <= self.grid_columns <= self.n_generated // 10, "grid_columns", "in 1..n_generated/10", self.grid_columns
+        )
         _require_device(self.device)
 
 
@@ -232,15 +269,31 @@ class LabelCVAEParams:
     figures: LatentFigureParams = field(default_factory=LatentFigureParams)
 
     def __post_init__(self) -> None:
-        _require(self.latent_dim >= 2, "latent_dim", "an integer of at least 2 (the figures draw a 2-D latent plane)",
-                 self.latent_dim)
-        _require(len(self.hidden_dims) > 0 and all(d > 0 for d in self.hidden_dims), "hidden_dims",
-                 "a non-empty list of positive integers", self.hidden_dims)
+        _require(
+            self.latent_dim >= 2,
+            "latent_dim",
+            "an integer of at least 2 (the figures draw a 2-D latent plane)",
+            self.latent_dim,
+        )
+        _require(
+            len(self.hidden_dims) > 0 and all(d > 0 for d in self.hidden_dims),
+            "hidden_dims",
+            "a non-empty list of positive integers",
+            self.hidden_dims,
+        )
         modes = {mode for mode, weight in self.train.input_modes.items() if weight > 0}
-        _require(modes == {"image_digit"}, "train.input_modes",
-                 "{image_digit: 1} (this model always sees the image and its label)", self.train.input_modes)
-        _require(self.figures.seed in self.train.seeds, "figures.seed",
-                 f"one of train.seeds {self.train.seeds} (the figures show that seed's model)", self.figures.seed)
+        _require(
+            modes == {"image_digit"},
+            "train.input_modes",
+            "{image_digit: 1} (this model always sees the image and its label)",
+            self.train.input_modes,
+        )
+        _require(
+            self.figures.seed in self.train.seeds,
+            "figures.seed",
+            f"one of train.seeds {self.train.seeds} (the figures show that seed's model)",
+            self.figures.seed,
+        )
 
 
 @dataclass(frozen=True)
@@ -258,13 +311,25 @@ class BeyondParams:
     train: TrainParams = field(default_factory=TrainParams)
 
     def __post_init__(self) -> None:
-        _require(len(self.models) > 0 and all(kind in BEYOND_KINDS for kind in self.models), "models",
-                 f"a non-empty list of {', '.join(BEYOND_KINDS)}", self.models)
-        _require(all(d > 0 for d in self.latent_dims) and self.latent_dims, "latent_dims",
-                 "a non-empty list of positive integers", self.latent_dims)
+        _require(
+            len(self.models) > 0 and all(kind in BEYOND_KINDS for kind in self.models),
+            "models",
+            f"a non-empty list of {', '.join(BEYOND_KINDS)}",
+            self.models,
+        )
+        _require(
+            all(d > 0 for d in self.latent_dims) and self.latent_dims,
+            "latent_dims",
+            "a non-empty list of positive integers",
+            self.latent_dims,
+        )
         _require(self.hidden_dim > 0, "hidden_dim", "a positive integer", self.hidden_dim)
-        _require(len(self.channels) <= 2 and all(c > 0 for c in self.channels), "channels",
-                 "a list of at most 2 positive integers (each conv halves the 28-pixel side)", self.channels)
+        _require(
+            len(self.channels) <= 2 and all(c > 0 for c in self.channels),
+            "channels",
+            "a list of at most 2 positive integers (each conv halves the 28-pixel side)",
+            self.channels,
+        )
         _require(self.label_weight > 0, "label_weight", "a positive number", self.label_weight)
         _require(0 < self.prior_rate <= 1, "prior_rate", "in (0, 1]", self.prior_rate)
         _require(0 < self.prior_temperature <= 1, "prior_temperature", "in (0, 1]", self.prior_temperature)
@@ -295,8 +360,12 @@ class RegistryParams:
 
     def __post_init__(self) -> None:
         # the name ends up in URIs like models:/<name>@champion, so no slashes, colons or @
-        _require(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name) is not None, "model_name",
-                 "a name of letters, digits, '.', '_' or '-'", self.model_name)
+        _require(
+            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name) is not None,
+            "model_name",
+            "a name of letters, digits, '.', '_' or '-'",
+            self.model_name,
+        )
         _require(bool(self.champion_metric.strip()), "champion_metric", "a metric name", self.champion_metric)
 
 
@@ -362,9 +431,11 @@ def _build(cls: type, raw: object, prefix: str) -> object:
     except ParamsError as err:
         raise ParamsError(f"{where}{err}") from None
     except TypeError as err:  # a required key is missing
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.name not in raw and f.default is dataclasses.MISSING
-                   and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
         raise ParamsError(f"{where}{missing[0] if missing else '?'} is required but missing") from err
 
 

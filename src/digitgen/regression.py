@@ -41,30 +41,41 @@ def load_thresholds(path: Path) -> dict[str, tuple[str, float]]:
     for metric, rule in raw.items():
         if metric not in METRICS:
             raise DigitgenError(f"{path}: {metric} is not a metric; known: {', '.join(METRICS)}")
-        if not (isinstance(rule, dict) and len(rule) == 1 and next(iter(rule)) in ("abs", "rel")
-                and isinstance(next(iter(rule.values())), (int, float)) and next(iter(rule.values())) >= 0):
+        if not (
+            isinstance(rule, dict)
+            and len(rule) == 1
+            and next(iter(rule)) in ("abs", "rel")
+            and isinstance(next(iter(rule.values())), (int, float))
+            and next(iter(rule.values())) >= 0
+        ):
             raise DigitgenError(f"{path}: {metric} must be {{abs: <tolerance>}} or {{rel: <fraction>}}, got {rule!r}")
-        (kind, value), = rule.items()
+        ((kind, value),) = rule.items()
         thresholds[metric] = (kind, float(value))
     return thresholds
 
 
 def _load_summary(path: Path, what: str) -> dict:
     if not Path(path).is_file():
-        raise DigitgenError(f"{what} {path} not found; run the smoke pipeline first "
-                            "(`uv run dvc repro pipelines/smoke/dvc.yaml`)")
+        raise DigitgenError(
+            f"{what} {path} not found; run the smoke pipeline first (`uv run dvc repro pipelines/smoke/dvc.yaml`)"
+        )
     try:
         summary = json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise DigitgenError(f"{what} {path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
-                            "regenerate it (`uv run dvc repro pipelines/smoke/dvc.yaml`)") from None
+        raise DigitgenError(
+            f"{what} {path} is not valid JSON (line {err.lineno} column {err.colno}: {err.msg}); "
+            "regenerate it (`uv run dvc repro pipelines/smoke/dvc.yaml`)"
+        ) from None
     shape_ok = isinstance(summary, dict) and all(
-        isinstance(metrics, dict) and all(isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float))
-                                          for entry in metrics.values())
-        for metrics in summary.values())
+        isinstance(metrics, dict)
+        and all(isinstance(entry, dict) and isinstance(entry.get("mean"), (int, float)) for entry in metrics.values())
+        for metrics in summary.values()
+    )
     if not shape_ok:
-        raise DigitgenError(f"{what} {path} is not a metrics summary ({{configuration: {{metric: {{\"mean\": number, "
-                            "...}}}); give the aggregate stage's metrics.json")
+        raise DigitgenError(
+            f'{what} {path} is not a metrics summary ({{configuration: {{metric: {{"mean": number, '
+            "...}}}); give the aggregate stage's metrics.json"
+        )
     return summary
 
 
@@ -90,10 +101,20 @@ def compare(baseline: dict, current: dict, thresholds: dict[str, tuple[str, floa
 
 
 def _table(verdicts: list[Verdict]) -> pd.DataFrame:
-    return pd.DataFrame([{"configuration": v.configuration, "metric": v.metric, "better": v.direction,
-                          "baseline": f"{v.baseline:.4g}", "new": "-" if v.new is None else f"{v.new:.4g}",
-                          "allowed": f"{'>=' if v.direction == 'higher' else '<='} {v.allowed:.4g}",
-                          "verdict": v.verdict} for v in verdicts])
+    return pd.DataFrame(
+        [
+            {
+                "configuration": v.configuration,
+                "metric": v.metric,
+                "better": v.direction,
+                "baseline": f"{v.baseline:.4g}",
+                "new": "-" if v.new is None else f"{v.new:.4g}",
+                "allowed": f"{'>=' if v.direction == 'higher' else '<='} {v.allowed:.4g}",
+                "verdict": v.verdict,
+            }
+            for v in verdicts
+        ]
+    )
 
 
 def render(verdicts: list[Verdict]) -> str:
@@ -105,10 +126,12 @@ def headline(verdicts: list[Verdict]) -> str:
     failed = [v for v in verdicts if v.failed]
     improved = [v for v in verdicts if v.verdict == "improved"]
     if failed:
-        return (f"REGRESSION: {len(failed)} of {len(verdicts)} checks failed: "
-                + ", ".join(f"{v.configuration} {v.metric} ({v.verdict})" for v in failed))
-    return (f"no regression: {len(verdicts)} checks passed"
-            + (f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""))
+        return f"REGRESSION: {len(failed)} of {len(verdicts)} checks failed: " + ", ".join(
+            f"{v.configuration} {v.metric} ({v.verdict})" for v in failed
+        )
+    return f"no regression: {len(verdicts)} checks passed" + (
+        f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""
+    )
 
 
 def write_step_summary(verdicts: list[Verdict], path: Path) -> None:
@@ -120,8 +143,11 @@ def write_step_summary(verdicts: list[Verdict], path: Path) -> None:
 
 def run_check_regression(metrics_path: Path, baseline_path: Path, thresholds_path: Path) -> bool:
     """Print the verdict table and a summary line; True when nothing regressed or went missing."""
-    verdicts = compare(_load_summary(baseline_path, "baseline"), _load_summary(metrics_path, "metrics"),
-                       load_thresholds(thresholds_path))
+    verdicts = compare(
+        _load_summary(baseline_path, "baseline"),
+        _load_summary(metrics_path, "metrics"),
+        load_thresholds(thresholds_path),
+    )
     print(render(verdicts))
     print(headline(verdicts))
     if os.environ.get("GITHUB_STEP_SUMMARY"):

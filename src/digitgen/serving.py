@@ -44,8 +44,10 @@ SIDE = 28  # MNIST images are 28 x 28 pixels
 # decompression bomb) whose header claims more pixels than that.
 MAX_IMAGES = 10_000
 MODES = ("generate", "classify", "reconstruct", "validate")  # the pyfunc's `mode` column
-MODEL_SOURCES = ("a model file written by `digitgen train` (models/<kind>-<latent_dim>/seed<s>.pt) "
-                 "or an MLflow URI (runs:/<run_id>, models:/<name>@<alias>)")
+MODEL_SOURCES = (
+    "a model file written by `digitgen train` (models/<kind>-<latent_dim>/seed<s>.pt) "
+    "or an MLflow URI (runs:/<run_id>, models:/<name>@<alias>)"
+)
 
 
 class InputError(DigitgenError, ValueError):
@@ -77,22 +79,29 @@ def as_images(images) -> torch.Tensor:
         channels_last = x.shape[-1] < x.shape[1]
         channels = x.shape[-1] if channels_last else x.shape[1]
         if channels != 1:
-            raise InputError(f"expected one channel (grayscale images N x 28 x 28), got {channels} channels "
-                             f"in shape {_shape(x)}")
+            raise InputError(
+                f"expected one channel (grayscale images N x 28 x 28), got {channels} channels in shape {_shape(x)}"
+            )
         x = x[..., 0] if channels_last else x[:, 0]
     if x.ndim == 2 and x.shape[1] == IMAGE_DIM:
-        raise InputError(f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}; these look like "
-                         "flattened images: images.reshape(-1, 28, 28)")
+        raise InputError(
+            f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}; these look like "
+            "flattened images: images.reshape(-1, 28, 28)"
+        )
     if x.ndim != 3:
-        raise InputError(f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}"
-                         + ("; add a batch dimension: images[None]" if x.ndim == 2 else ""))
+        raise InputError(
+            f"expected a batch of images shaped N x 28 x 28, got shape {_shape(x)}"
+            + ("; add a batch dimension: images[None]" if x.ndim == 2 else "")
+        )
     if tuple(x.shape[1:]) != (SIDE, SIDE):
         raise InputError(f"expected images of 28 x 28 pixels, got {x.shape[1]} x {x.shape[2]}")
     if not x.is_floating_point():
         raise InputError(f"expected float pixel values in [0, 1], got {x.dtype} (divide 8-bit images by 255)")
     if not torch.isfinite(x).all():
-        raise InputError(f"expected pixel values in [0, 1], got {(~torch.isfinite(x)).sum().item()} NaN or infinite "
-                         "values; replace them (torch.nan_to_num) before passing the images")
+        raise InputError(
+            f"expected pixel values in [0, 1], got {(~torch.isfinite(x)).sum().item()} NaN or infinite "
+            "values; replace them (torch.nan_to_num) before passing the images"
+        )
     if len(x) and not (x.min() >= 0 and x.max() <= 1):
         raise InputError(f"expected pixel values in [0, 1], got values from {x.min().item():g} to {x.max().item():g}")
     return x.reshape(len(x), IMAGE_DIM).float()
@@ -261,8 +270,9 @@ def request_frame(mode: str, images=None, digits=None) -> pd.DataFrame:
     return pd.DataFrame({"mode": [mode] * count, "digit": y or [math.nan] * count, "pixels": x or [None] * count})
 
 
-def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = None,
-                  same_style: bool = False) -> pd.DataFrame:
+def predict_frame(
+    model: DigitModel, frame: pd.DataFrame, seed: int | None = None, same_style: bool = False
+) -> pd.DataFrame:
     """Answer a request table (see above) with the same calls the Python API makes, batched by mode.
 
     The generate rows, in order, are one `model.generate` call, so `seed` and `same_style` act as there.
@@ -289,12 +299,13 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
 
     def fill(rows: list[int], **columns) -> None:
         for name, values in columns.items():
-            for i, value in zip(rows, values):
+            for i, value in zip(rows, values, strict=False):
                 out[name][i] = value.item() if value.ndim == 0 else value.reshape(-1).tolist()
 
     def rows_of(mode: str, with_digit: bool | None = None) -> list[int]:
-        return [i for i in range(n)
-                if modes[i] == mode and (with_digit is None or (given[i] is not None) == with_digit)]
+        return [
+            i for i in range(n) if modes[i] == mode and (with_digit is None or (given[i] is not None) == with_digit)
+        ]
 
     if rows := rows_of("generate"):
         digits = labels(rows, "generate")
@@ -307,14 +318,22 @@ def predict_frame(model: DigitModel, frame: pd.DataFrame, seed: int | None = Non
             result = model.reconstruct(images(rows, "reconstruct"), labels(rows, "reconstruct") if with_digit else None)
             fill(rows, pixels=result.images)
             if result.digits is not None:
-                fill(rows, digit=result.digits, probability=result.probs.gather(1, result.digits[:, None])[:, 0],
-                     probs=result.probs)
+                fill(
+                    rows,
+                    digit=result.digits,
+                    probability=result.probs.gather(1, result.digits[:, None])[:, 0],
+                    probs=result.probs,
+                )
     if rows := rows_of("validate"):
         digits = labels(rows, "validate")
         fill(rows, digit=digits, probability=model.validate(images(rows, "validate"), digits))
     # object columns keep None where a row has no value, which serves as JSON null (a float NaN would not)
-    return pd.DataFrame({"digit": pd.array([int(d) for d in out["digit"]], dtype="int64"),
-                         **{name: pd.Series(out[name], dtype=object) for name in ("probability", "probs", "pixels")}})
+    return pd.DataFrame(
+        {
+            "digit": pd.array([int(d) for d in out["digit"]], dtype="int64"),
+            **{name: pd.Series(out[name], dtype=object) for name in ("probability", "probs", "pixels")},
+        }
+    )
 
 
 def _missing(value) -> bool:
@@ -337,10 +356,13 @@ def _pixels(cell, row: int, mode: str) -> torch.Tensor:
 
 def example_request(model: DigitModel, image: torch.Tensor, digit: int) -> pd.DataFrame:
     """One row for each condition the model supports, from one image and its digit: the pyfunc's input example."""
-    candidates = [request_frame("generate", digits=[digit]), request_frame("classify", images=image[None]),
-                  request_frame("reconstruct", images=image[None]),
-                  request_frame("reconstruct", images=image[None], digits=[digit]),
-                  request_frame("validate", images=image[None], digits=[digit])]
+    candidates = [
+        request_frame("generate", digits=[digit]),
+        request_frame("classify", images=image[None]),
+        request_frame("reconstruct", images=image[None]),
+        request_frame("reconstruct", images=image[None], digits=[digit]),
+        request_frame("validate", images=image[None], digits=[digit]),
+    ]
     supported = []
     for frame in candidates:
         try:
@@ -357,8 +379,10 @@ def read_png(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: no such file; expected a 28 x 28 grayscale PNG")
-    too_big = InputError(f"{path}: more pixels than {MAX_IMAGES} tiles of 28 x 28 (or a decompression bomb); "
-                         "split it into smaller PNG files")
+    too_big = InputError(
+        f"{path}: more pixels than {MAX_IMAGES} tiles of 28 x 28 (or a decompression bomb); "
+        "split it into smaller PNG files"
+    )
     try:
         with Image.open(path) as image:  # reads the header only: size is known before any pixel is decompressed
             if image.width * image.height > MAX_IMAGES * SIDE * SIDE:
@@ -371,8 +395,10 @@ def read_png(path: str | Path) -> torch.Tensor:
     width, height = image.size
     bands = image.getbands()
     if len(bands) > 1:
-        raise InputError(f"{path}: expected one channel (grayscale), got {len(bands)} channels ({image.mode}); "
-                         "convert it to grayscale first")
+        raise InputError(
+            f"{path}: expected one channel (grayscale), got {len(bands)} channels ({image.mode}); "
+            "convert it to grayscale first"
+        )
     if image.mode not in ("L", "1"):
         raise InputError(f"{path}: expected 8-bit grayscale pixels, got image mode {image.mode}")
     if width % SIDE or height % SIDE or not width or not height:
@@ -393,8 +419,10 @@ def write_png(image: torch.Tensor, path: str | Path) -> None:
 def require_png_path(out: Path, count: int) -> None:
     """Refuse, before the model loads, an --out that is a folder or a row longer than MAX_IMAGES."""
     if count > MAX_IMAGES:
-        raise InputError(f"expected at most {MAX_IMAGES} images in one PNG row, got {count}; "
-                         "run the command several times with fewer")
+        raise InputError(
+            f"expected at most {MAX_IMAGES} images in one PNG row, got {count}; "
+            "run the command several times with fewer"
+        )
     if Path(out).is_dir():
         raise InputError(f"--out {out} is a folder; give a file name such as {Path(out) / 'digits.png'}")
 
@@ -402,13 +430,20 @@ def require_png_path(out: Path, count: int) -> None:
 def read_pngs(paths: list[str | Path]) -> tuple[torch.Tensor, list[str]]:
     """Every image in the files, in order, and a name for each: the path, with [i] for a tile of a grid."""
     batches = [read_png(p) for p in paths]
-    names = [str(p) if len(b) == 1 else f"{p}[{i}]" for p, b in zip(paths, batches) for i in range(len(b))]
+    names = [str(p) if len(b) == 1 else f"{p}[{i}]" for p, b in zip(paths, batches, strict=True) for i in range(len(b))]
     return torch.cat(batches), names
 
 
 # The CLI's commands: one function each.
-def run_generate(source: str, out: Path, digit: int | None = None, n: int | None = None, digits: str | None = None,
-                 same_style: bool = False, seed: int | None = None) -> int:
+def run_generate(
+    source: str,
+    out: Path,
+    digit: int | None = None,
+    n: int | None = None,
+    digits: str | None = None,
+    same_style: bool = False,
+    seed: int | None = None,
+) -> int:
     """`digitgen generate`: n images of one digit (default 1), or a digit string, as one PNG row; returns the count."""
     if (digit is None) == (digits is None):
         raise InputError("expected either a digit (with n) or a digit string")
@@ -435,11 +470,12 @@ def run_classify(source: str, paths: list[Path]) -> list[tuple[str, int, float]]
     """`digitgen classify`: (image, most likely digit, its probability) for every image in the files."""
     images, names = read_pngs(paths)
     digits, probs = load(source).classify(images)
-    return [(name, int(d), float(p[d])) for name, d, p in zip(names, digits, probs)]
+    return [(name, int(d), float(p[d])) for name, d, p in zip(names, digits, probs, strict=False)]
 
 
-def run_reconstruct(source: str, paths: list[Path], out: Path,
-                    labels: list[int] | None = None) -> list[tuple[str, int | None, float | None]]:
+def run_reconstruct(
+    source: str, paths: list[Path], out: Path, labels: list[int] | None = None
+) -> list[tuple[str, int | None, float | None]]:
     """`digitgen reconstruct`: reconstructions as one PNG row; (image, digit, probability) for each."""
     images, names = read_pngs(paths)
     require_png_path(out, len(images))
@@ -447,14 +483,14 @@ def run_reconstruct(source: str, paths: list[Path], out: Path,
     write_png(result.images, out)
     if result.digits is None:
         return [(name, None, None) for name in names]
-    return [(name, int(d), float(p[d])) for name, d, p in zip(names, result.digits, result.probs)]
+    return [(name, int(d), float(p[d])) for name, d, p in zip(names, result.digits, result.probs, strict=False)]
 
 
 def run_validate(source: str, paths: list[Path], labels: list[int]) -> list[tuple[str, int, float]]:
     """`digitgen validate`: (image, given label, probability the label is right) for every image in the files."""
     images, names = read_pngs(paths)
     probs = load(source).validate(images, labels)
-    return [(name, int(y), float(p)) for name, y, p in zip(names, labels, probs)]
+    return [(name, int(y), float(p)) for name, y, p in zip(names, labels, probs, strict=False)]
 
 
 # MLflow: loading a logged model's weights, and the pyfunc wrapper every seed run logs.
@@ -474,8 +510,9 @@ def pyfunc_weights(uri: str):
     from digitgen import tracking
 
     if tracking.tracking_uri() == tracking.default_tracking_uri() and not tracking.default_store().is_file():
-        raise ModelSourceError(f"no MLflow store at {tracking.default_store()}; run from the repository root or set "
-                               "MLFLOW_TRACKING_URI")
+        raise ModelSourceError(
+            f"no MLflow store at {tracking.default_store()}; run from the repository root or set MLFLOW_TRACKING_URI"
+        )
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -485,15 +522,20 @@ def pyfunc_weights(uri: str):
             weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
         except (MlflowException, tracking.TrackingError) as err:
             reason = str(err).splitlines()[0]
-            raise ModelSourceError(f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({reason}); "
-                                   "expected runs:/<run_id> or models:/<name>@<alias>") from None
+            raise ModelSourceError(
+                f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({reason}); "
+                "expected runs:/<run_id> or models:/<name>@<alias>"
+            ) from None
         except ImportError as err:  # s3://, gs://, ... need their client package
-            raise ModelSourceError(f"{uri}: reading it needs the package {err.name}, which is not installed; "
-                                   "install it (s3://: `uv add boto3`) or download the model file and pass "
-                                   "its path") from None
+            raise ModelSourceError(
+                f"{uri}: reading it needs the package {err.name}, which is not installed; "
+                "install it (s3://: `uv add boto3`) or download the model file and pass "
+                "its path"
+            ) from None
         except (OSError, KeyError, TypeError):
-            raise ModelSourceError(f"{uri}: not a digitgen pyfunc model; expected the model `digitgen train` "
-                                   "logs in every seed run") from None
+            raise ModelSourceError(
+                f"{uri}: not a digitgen pyfunc model; expected the model `digitgen train` logs in every seed run"
+            ) from None
         yield local / weights
 
 
@@ -504,12 +546,23 @@ def pyfunc_signature():
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec("string", "mode"), ColSpec("double", "digit", required=False),
-                       ColSpec(Array("double"), "pixels", required=False)]),
-        outputs=Schema([ColSpec("long", "digit"), ColSpec("double", "probability", required=False),
-                        ColSpec(Array("double"), "probs", required=False),
-                        ColSpec(Array("double"), "pixels", required=False)]),
-        params=ParamSchema([ParamSpec("seed", "long", None), ParamSpec("same_style", "boolean", False)]))
+        inputs=Schema(
+            [
+                ColSpec("string", "mode"),
+                ColSpec("double", "digit", required=False),
+                ColSpec(Array("double"), "pixels", required=False),
+            ]
+        ),
+        outputs=Schema(
+            [
+                ColSpec("long", "digit"),
+                ColSpec("double", "probability", required=False),
+                ColSpec(Array("double"), "probs", required=False),
+                ColSpec(Array("double"), "pixels", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("seed", "long", None), ParamSpec("same_style", "boolean", False)]),
+    )
 
 
 def _pyfunc_class() -> type:
@@ -559,5 +612,9 @@ def pyfunc_parts(net, image: torch.Tensor, digit: int, folder: Path) -> dict:
     save_model(net, weights)
     write_atomic(code, PYFUNC_CODE)
     example = example_request(DigitModel(net, "training"), image, digit)
-    return {"python_model": str(code), "artifacts": {"weights": str(weights)},
-            "signature": pyfunc_signature(), "input_example": (example, {"seed": 0})}
+    return {
+        "python_model": str(code),
+        "artifacts": {"weights": str(weights)},
+        "signature": pyfunc_signature(),
+        "input_example": (example, {"seed": 0}),
+    }

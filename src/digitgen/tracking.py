@@ -59,7 +59,8 @@ STORE_ERRORS = (MlflowException, OSError, requests.RequestException)  # what a s
 EXPERIMENT_DESCRIPTION = (
     "digitgen: the study's joint CAE and CVAE on MNIST. One parent run per configuration (cae-8, cvae-16, ...) "
     "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
-    "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision.")
+    "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision."
+)
 
 
 def project_root() -> Path:
@@ -108,8 +109,9 @@ def experiment_id(name: str) -> str:
             return found.experiment_id
         # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
         location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
-        return mlflow.create_experiment(name, artifact_location=location,
-                                        tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION})
+        return mlflow.create_experiment(
+            name, artifact_location=location, tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION}
+        )
 
 
 @contextlib.contextmanager
@@ -121,9 +123,11 @@ def store_errors(doing: str):
         text = str(err)
         cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(r"\(sqlite3\.\w+\) ([^\n\[]+)", text)
         reason = cause.group(1).strip() if cause else text.splitlines()[0][:200] if text else type(err).__name__
-        raise TrackingError(f"the MLflow store {tracking_uri()} failed while {doing} ({reason}); make it reachable "
-                            "and writable (or set MLFLOW_TRACKING_URI to one that is), then run the same command "
-                            "again (a stopped training resumes from its last checkpoint)") from None
+        raise TrackingError(
+            f"the MLflow store {tracking_uri()} failed while {doing} ({reason}); make it reachable "
+            "and writable (or set MLFLOW_TRACKING_URI to one that is), then run the same command "
+            "again (a stopped training resumes from its last checkpoint)"
+        ) from None
 
 
 class TrackingError(DigitgenError):
@@ -170,15 +174,22 @@ def _git_tags(project: Path) -> dict[str, str]:
         return {GIT_COMMIT_TAG: "unknown", "git_dirty": "unknown"}
     root = Path(_git(project, "rev-parse", "--show-toplevel"))
     outputs = _dvc_outputs(root)
-    changed = [path for path in _git(root, "diff", "--name-only", "HEAD", "--").splitlines()
-               if not any(path == out or path.startswith(out.rstrip("/") + "/") for out in outputs)]
+    changed = [
+        path
+        for path in _git(root, "diff", "--name-only", "HEAD", "--").splitlines()
+        if not any(path == out or path.startswith(out.rstrip("/") + "/") for out in outputs)
+    ]
     return {GIT_COMMIT_TAG: commit, "git_dirty": str(bool(changed)).lower()}
 
 
 def run_tags() -> dict[str, str]:
     """Tags of every run: where it comes from (commit, DVC stage and experiment) and which process writes it."""
-    return {**git_tags(), "dvc_stage": os.environ.get("DVC_STAGE", ""), "dvc_exp_name": dvc_experiment(),
-            **_process_tags()}
+    return {
+        **git_tags(),
+        "dvc_stage": os.environ.get("DVC_STAGE", ""),
+        "dvc_exp_name": dvc_experiment(),
+        **_process_tags(),
+    }
 
 
 def dvc_experiment() -> str:
@@ -263,8 +274,11 @@ def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
     Runs trained elsewhere are left alone: their process cannot be seen from here.
     """
     client = MlflowClient()
-    where = ["attributes.status = 'RUNNING'", f"tags.process_host = '{socket.gethostname()}'",
-             *(f"tags.{key} = '{value}'" for key, value in tags.items())]
+    where = [
+        "attributes.status = 'RUNNING'",
+        f"tags.process_host = '{socket.gethostname()}'",
+        *(f"tags.{key} = '{value}'" for key, value in tags.items()),
+    ]
     with store_errors("looking for runs left RUNNING"):
         stale = [run for run in client.search_runs([exp_id], " and ".join(where)) if _process_gone(run)]
         for run in stale:
@@ -307,18 +321,34 @@ class ConfigRun:
         self.absent_columns = absent_columns
 
     @contextlib.contextmanager
-    def seed_run(self, name: str, seed: int, run_id: str | None, params: dict, tags: dict[str, str],
-                 datasets: dict[str, Path], system_metrics: bool):
+    def seed_run(
+        self,
+        name: str,
+        seed: int,
+        run_id: str | None,
+        params: dict,
+        tags: dict[str, str],
+        datasets: dict[str, Path],
+        system_metrics: bool,
+    ):
         """A child run for one seed; datasets: {context: prepared split file}, logged as the run's inputs."""
-        with _run(run_id=run_id, experiment_id=self.experiment_id, run_name=None if run_id else name, nested=True,
-                  parent_run_id=self.run_id, log_system_metrics=system_metrics,
-                  description=None if run_id else f"{name}: one seed of configuration {name.split('/')[0]}") as run:
+        with _run(
+            run_id=run_id,
+            experiment_id=self.experiment_id,
+            run_name=None if run_id else name,
+            nested=True,
+            parent_run_id=self.run_id,
+            log_system_metrics=system_metrics,
+            description=None if run_id else f"{name}: one seed of configuration {name.split('/')[0]}",
+        ) as run:
             if run_id is None:
                 with store_errors("tagging the seed run"):
                     mlflow.set_tags({**tags, "seed": str(seed)})
                     mlflow.log_params({**flatten(params), "seed": str(seed)})
-                    MlflowClient().log_inputs(run.info.run_id, [
-                        _dataset_input(path, f"mnist-{path.stem}", context) for context, path in datasets.items()])
+                    MlflowClient().log_inputs(
+                        run.info.run_id,
+                        [_dataset_input(path, f"mnist-{path.stem}", context) for context, path in datasets.items()],
+                    )
             yield SeedRun(run.info.run_id, self.absent_columns)
 
 
@@ -327,17 +357,29 @@ def _same_run(exp_id: str, name: str, fingerprint: str) -> str | None:
     tags = git_tags()
     if tags["git_dirty"] != "false":  # a dirty or missing checkout: the commit does not say what ran
         return None
-    where = (f"attributes.run_name = '{name}' AND tags.{FINGERPRINT_TAG} = '{fingerprint}' AND "
-             f"tags.`{GIT_COMMIT_TAG}` = '{tags[GIT_COMMIT_TAG]}' AND tags.git_dirty = 'false'")
+    where = (
+        f"attributes.run_name = '{name}' AND tags.{FINGERPRINT_TAG} = '{fingerprint}' AND "
+        f"tags.`{GIT_COMMIT_TAG}` = '{tags[GIT_COMMIT_TAG]}' AND tags.git_dirty = 'false'"
+    )
     with store_errors("looking for an earlier run of the same configuration"):
-        found = [run for run in MlflowClient().search_runs([exp_id], where, order_by=["attributes.start_time DESC"])
-                 if "mlflow.parentRunId" not in run.data.tags and run.info.status != "RUNNING"]
+        found = [
+            run
+            for run in MlflowClient().search_runs([exp_id], where, order_by=["attributes.start_time DESC"])
+            if "mlflow.parentRunId" not in run.data.tags and run.info.status != "RUNNING"
+        ]
     return found[0].info.run_id if found else None
 
 
 @contextlib.contextmanager
-def config_run(experiment: str, name: str, run_id: str | None, params: dict, tags: dict[str, str],
-               fingerprint: str, absent_columns: frozenset[str] = frozenset()):
+def config_run(
+    experiment: str,
+    name: str,
+    run_id: str | None,
+    params: dict,
+    tags: dict[str, str],
+    fingerprint: str,
+    absent_columns: frozenset[str] = frozenset(),
+):
     """Open the parent run of a configuration: reopened by id when resuming, or the earlier run of the same
     configuration, fingerprint and clean commit (its seed runs are then replaced, not duplicated). First
     marks KILLED its runs (parent and seeds) left RUNNING by a trainer that died.
@@ -347,14 +389,22 @@ def config_run(experiment: str, name: str, run_id: str | None, params: dict, tag
     exp_id = experiment_id(experiment)
     stale = end_stale_runs(exp_id, tags)
     if stale:
-        print(f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
-              file=sys.stderr)
+        print(
+            f"{name}: marked KILLED {len(stale)} run(s) left RUNNING by a trainer that is gone: {', '.join(stale)}",
+            file=sys.stderr,
+        )
     run_id = run_id or _same_run(exp_id, name, fingerprint)
-    description = (f"{name}: every seed as a child run. After `aggregate`, test/fid_mean and test/fid_std (and so "
-                   "on for each of Table 1's metrics) are the mean and std over seeds; val/bce_mean, train/loss_mean "
-                   "and their _std those of the final epoch's losses.")
-    with _run(run_id=run_id, experiment_id=exp_id, run_name=None if run_id else name,
-              description=None if run_id else description) as run:
+    description = (
+        f"{name}: every seed as a child run. After `aggregate`, test/fid_mean and test/fid_std (and so "
+        "on for each of Table 1's metrics) are the mean and std over seeds; val/bce_mean, train/loss_mean "
+        "and their _std those of the final epoch's losses."
+    )
+    with _run(
+        run_id=run_id,
+        experiment_id=exp_id,
+        run_name=None if run_id else name,
+        description=None if run_id else description,
+    ) as run:
         if run_id is None:
             with store_errors("tagging the configuration run"):
                 mlflow.set_tags({**tags, FINGERPRINT_TAG: fingerprint})
@@ -376,8 +426,11 @@ def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict
             plt.close(figure)
         with _quiet_model_logging():
             mlflow.pyfunc.log_model(
-                name=model_name, **pyfunc, code_paths=[str(Path(__file__).parent)],  # the code travels with the model
-                pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"))
+                name=model_name,
+                **pyfunc,
+                code_paths=[str(Path(__file__).parent)],  # the code travels with the model
+                pip_requirements=_pinned("torch", "numpy", "pandas", "pillow", "matplotlib", "pyyaml"),
+            )
 
 
 @contextlib.contextmanager
@@ -424,9 +477,14 @@ def finish_seed_run(run_id: str, model_file: Path) -> None:
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent is None:
             return
-        earlier = [r for r in client.search_runs(
-            [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' AND tags.seed = '{run.data.tags['seed']}'")
-            if r.info.run_id != run_id]
+        earlier = [
+            r
+            for r in client.search_runs(
+                [run.info.experiment_id],
+                f"tags.`mlflow.parentRunId` = '{parent}' AND tags.seed = '{run.data.tags['seed']}'",
+            )
+            if r.info.run_id != run_id
+        ]
         for old in earlier:
             if old.data.tags.get(MODEL_MD5_TAG) == md5:
                 _move_evaluation(client, old, run_id)
@@ -441,8 +499,11 @@ def _move_evaluation(client: MlflowClient, old, run_id: str) -> None:
         return
     model_id = _model_id(client, run_id)
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()],
-                     params=[Param(k, v) for k, v in params.items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0, model_id=model_id) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+    )
     with tempfile.TemporaryDirectory() as tmp, contextlib.suppress(MlflowException, OSError):
         client.log_artifact(run_id, client.download_artifacts(old.info.run_id, EVALUATION_SAMPLES, tmp))
 
@@ -465,20 +526,24 @@ def seed_run_for(experiment: str, name: str, seed: str, model_file: Path, evalua
     exp_id = experiment_id(experiment)
     with store_errors("finding the seed run of a model"):
         found = MlflowClient().search_runs(
-            [exp_id], f"tags.{MODEL_MD5_TAG} = '{md5}' AND attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"])
+            [exp_id],
+            f"tags.{MODEL_MD5_TAG} = '{md5}' AND attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+        )
     for run in found:
         if all(run.data.params.get(k, v) == v for k, v in evaluation.items() if k != "evaluate.device"):
             return run.info.run_id
-    with _run(experiment_id=exp_id, run_name=f"{name}/seed{seed}",
-              description=f"{name}/seed{seed}: the evaluation of a model whose training run is not in this store "
-                          "or was evaluated under other settings") as run:
+    with _run(
+        experiment_id=exp_id,
+        run_name=f"{name}/seed{seed}",
+        description=f"{name}/seed{seed}: the evaluation of a model whose training run is not in this store "
+        "or was evaluated under other settings",
+    ) as run:
         mlflow.set_tags({MODEL_MD5_TAG: md5, "seed": seed, "trained_elsewhere": str(not found).lower()})
         return run.info.run_id
 
 
-def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str, str], test_file: Path,
-                   figure) -> None:
+def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str, str], test_file: Path, figure) -> None:
     """Evaluation results on a seed run: test/ metrics linked to its logged model and to the test split
     (logged as an input), the evaluation settings as params, the sample grid as an artifact."""
     client = MlflowClient(tracking_uri())
@@ -487,11 +552,22 @@ def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str,
         client.log_inputs(run_id, [dataset])
         model_id, now = _model_id(client, run_id), int(time.time() * 1000)
         logged = client.get_run(run_id).data.params
-        client.log_batch(run_id, metrics=[Metric(evaluation_metric(k), float(v), now, 0, model_id=model_id,
-                                                 dataset_name=dataset.dataset.name,
-                                                 dataset_digest=dataset.dataset.digest)
-                                          for k, v in metrics.items()],
-                         params=[Param(k, v) for k, v in evaluation.items() if k not in logged])
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(
+                    evaluation_metric(k),
+                    float(v),
+                    now,
+                    0,
+                    model_id=model_id,
+                    dataset_name=dataset.dataset.name,
+                    dataset_digest=dataset.dataset.digest,
+                )
+                for k, v in metrics.items()
+            ],
+            params=[Param(k, v) for k, v in evaluation.items() if k not in logged],
+        )
         client.log_figure(run_id, figure, EVALUATION_SAMPLES)
     plt.close(figure)
 
@@ -501,8 +577,9 @@ def parent_run_of(experiment: str, model_file: Path) -> str | None:
     """The parent (configuration) run of the seed run that trained `model_file`, if this store has it."""
     exp_id = experiment_id(experiment)  # first: it points MLflow at our store
     with store_errors("finding a configuration's run"):
-        found = MlflowClient().search_runs([exp_id], f"tags.{MODEL_MD5_TAG} = '{md5sum(model_file)}'",
-                                           order_by=["attributes.start_time DESC"])
+        found = MlflowClient().search_runs(
+            [exp_id], f"tags.{MODEL_MD5_TAG} = '{md5sum(model_file)}'", order_by=["attributes.start_time DESC"]
+        )
     return next((r.data.tags["mlflow.parentRunId"] for r in found if "mlflow.parentRunId" in r.data.tags), None)
 
 
@@ -516,17 +593,27 @@ def log_to_run(run_id: str, metrics: dict[str, float]) -> None:
     """Metrics (step 0) on an existing run, e.g. a configuration's mean and std over seeds on its parent run."""
     now = int(time.time() * 1000)
     with store_errors("logging to a configuration's run"):
-        MlflowClient(tracking_uri()).log_batch(run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        MlflowClient(tracking_uri()).log_batch(
+            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        )
 
 
 def log_summary(experiment: str, table, markdown: str, files: list[Path], decision: dict[str, object]) -> str:
     """A `summary` run holding Table 1 (an MLflow table of plain numbers, and as markdown), the results files
     and the champion decision (tags champion.*, metrics champion/*)."""
-    with _run(experiment_id=experiment_id(experiment), run_name="summary",
-              description="Table 1 over every configuration, the figures, and the champion decision") as run:
+    with _run(
+        experiment_id=experiment_id(experiment),
+        run_name="summary",
+        description="Table 1 over every configuration, the figures, and the champion decision",
+    ) as run:
         mlflow.set_tags({"summary": "true", **{f"champion.{k}": str(v) for k, v in decision.items()}})
-        mlflow.log_metrics({f"champion/{k}": float(v) for k, v in decision.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.log_metrics(
+            {
+                f"champion/{k}": float(v)
+                for k, v in decision.items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+        )
         mlflow.log_table(data=table.reset_index(), artifact_file="table1.json")
         mlflow.log_text(markdown, "table1.md")
         for path in files:
@@ -543,8 +630,7 @@ def champion(model_name: str):
         return None
 
 
-def register_version(run_id: str, model_name: str, model_description: str, description: str,
-                     tags: dict[str, str]):
+def register_version(run_id: str, model_name: str, model_description: str, description: str, tags: dict[str, str]):
     """A version of `model_name` holding the seed run's logged model (the one registered before, when this run's
     model already has one), with its description and tags."""
     mlflow.set_tracking_uri(tracking_uri())
@@ -555,10 +641,13 @@ def register_version(run_id: str, model_name: str, model_description: str, descr
         except MlflowException:
             client.create_registered_model(model_name, description=model_description)
         source = logged_model_uri(run_id)
-        version = next((v for v in client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")), None)
+        version = next(
+            (v for v in client.search_model_versions(f"name = '{model_name}' AND run_id = '{run_id}'")), None
+        )
         if version is None:
-            version = client.create_model_version(model_name, source, run_id=run_id, description=description,
-                                                  model_id=source.removeprefix("models:/"))
+            version = client.create_model_version(
+                model_name, source, run_id=run_id, description=description, model_id=source.removeprefix("models:/")
+            )
         else:
             client.update_model_version(model_name, version.version, description=description)
         for key, value in tags.items():
@@ -569,4 +658,3 @@ def register_version(run_id: str, model_name: str, model_description: str, descr
 def set_champion(model_name: str, version: str) -> None:
     with store_errors("moving the champion alias"):
         MlflowClient(tracking_uri()).set_registered_model_alias(model_name, CHAMPION_ALIAS, version)
-

@@ -43,8 +43,18 @@ from tqdm import tqdm
 from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
-from digitgen.params import (BEYOND_KINDS, INPUT_MODES, LABEL_CVAE, DigitgenError, ExecutionParams, Params,
-                             TrainParams, config_name, train_section)
+from digitgen.params import (
+    BEYOND_KINDS,
+    INPUT_MODES,
+    LABEL_CVAE,
+    DigitgenError,
+    ExecutionParams,
+    Params,
+    TrainParams,
+    config_name,
+    train_section,
+)
+
 
 class EpochLogger(Protocol):
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
@@ -81,20 +91,34 @@ def validation_losses(model: Model, images, digits, params: TrainParams, seed: i
     devices = [images.device] if images.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        expected = sum(p * _sum_losses(model, images, digits, mode, 1024)
-                       for mode, p in mode_probabilities(params.input_modes).items() if p > 0)
-    metrics = {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist())}
+        expected = sum(
+            p * _sum_losses(model, images, digits, mode, 1024)
+            for mode, p in mode_probabilities(params.input_modes).items()
+            if p > 0
+        )
+    metrics = {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist(), strict=False)}
     if not isinstance(model, LabelCVAE):  # the label CVAE has no digit head
-        correct = sum((model.classify(images[start : start + 1024]).argmax(1) == digits[start : start + 1024]).sum()
-                      for start in range(0, len(digits), 1024))
+        correct = sum(
+            (model.classify(images[start : start + 1024]).argmax(1) == digits[start : start + 1024]).sum()
+            for start in range(0, len(digits), 1024)
+        )
         metrics["val_accuracy"] = correct.item() / len(digits)
     model.train()
     return metrics
 
 
-def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int,
-        logger: EpochLogger, checkpoint: Path, state: dict | None, device: torch.device,
-        label: str) -> list[dict[str, float]]:
+def fit(
+    model: Model,
+    train: Digits,
+    val: Digits,
+    params: TrainParams,
+    seed: int,
+    logger: EpochLogger,
+    checkpoint: Path,
+    state: dict | None,
+    device: torch.device,
+    label: str,
+) -> list[dict[str, float]]:
     """Train from `state` (a checkpoint, or None for epoch 0) to params.epochs, checkpointing each epoch."""
     x_train, y_train = train.float_images().to(device), train.labels.to(device)
     x_val, y_val = val.float_images().to(device), val.labels.to(device)
@@ -119,8 +143,9 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
         torch.index_select(x_train, 0, order, out=x_epoch)  # one gather an epoch: each batch is then a plain slice
         torch.index_select(y_train, 0, order, out=y_epoch)
         sums = torch.zeros(4, device=device)
-        bar = tqdm(total=n_batches, desc=f"{label} epoch {epoch}/{params.epochs}", leave=False,
-                   disable=not sys.stderr.isatty())
+        bar = tqdm(
+            total=n_batches, desc=f"{label} epoch {epoch}/{params.epochs}", leave=False, disable=not sys.stderr.isatty()
+        )
         for b, mode in enumerate(modes):
             batch = slice(b * params.batch_size, (b + 1) * params.batch_size)
             losses = model.loss(x_epoch[batch], y_epoch[batch], INPUT_MODES[mode])
@@ -130,17 +155,30 @@ def fit(model: Model, train: Digits, val: Digits, params: TrainParams, seed: int
             sums += torch.stack(losses).detach() * len(y_epoch[batch])
             bar.update()
         bar.close()
-        row = {"epoch": epoch, **{f"train_{t}": v for t, v in zip(figures.LOSS_TERMS, (sums / len(y_train)).tolist())}}
+        means = (sums / len(y_train)).tolist()
+        row = {"epoch": epoch, **{f"train_{t}": v for t, v in zip(figures.LOSS_TERMS, means, strict=True)}}
         row.update(validation_losses(model, x_val, y_val, params, seed))
         row["epoch_seconds"] = time.perf_counter() - started
         _check_divergence(model, row, params, label, epoch)
         history.append(row)
         logger.log_epoch(epoch, {k: v for k, v in row.items() if k != "epoch"})
-        files.save_torch({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "stream": stream.get_state(), "rng": torch.get_rng_state(), "history": history,
-                          "run_id": getattr(logger, "run_id", None), "done": False}, checkpoint)
-        tqdm.write(f"{label} epoch {epoch}/{params.epochs}: train_loss {row['train_loss']:.2f} "
-                   f"val_loss {row['val_loss']:.2f} ({row['epoch_seconds']:.1f} s)", file=sys.stderr)
+        files.save_torch(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "stream": stream.get_state(),
+                "rng": torch.get_rng_state(),
+                "history": history,
+                "run_id": getattr(logger, "run_id", None),
+                "done": False,
+            },
+            checkpoint,
+        )
+        tqdm.write(
+            f"{label} epoch {epoch}/{params.epochs}: train_loss {row['train_loss']:.2f} "
+            f"val_loss {row['val_loss']:.2f} ({row['epoch_seconds']:.1f} s)",
+            file=sys.stderr,
+        )
     return history
 
 
@@ -155,8 +193,9 @@ def _check_divergence(model: Model, row: dict[str, float], params: TrainParams, 
         if all(torch.isfinite(p).all() for p in model.parameters()):
             return
         problem = "weights became NaN or infinite"
-    raise DivergenceError(f"{label} diverged at epoch {epoch}: {problem}; lower {section}.lr (now {params.lr:g}) "
-                          "and run again")
+    raise DivergenceError(
+        f"{label} diverged at epoch {epoch}: {problem}; lower {section}.lr (now {params.lr:g}) and run again"
+    )
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -224,32 +263,51 @@ def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig
     if kind in BEYOND_KINDS:
         beyond = params.beyond
         batches_per_epoch = math.ceil(params.data.train_size / beyond.train.batch_size)
-        return ModelConfig(kind, latent_dim, hidden_dim=beyond.hidden_dim, channels=tuple(beyond.channels),
-                           label_weight=beyond.label_weight, prior_rate=beyond.prior_rate,
-                           prior_temperature=beyond.prior_temperature,
-                           kl_warmup_batches=round(beyond.kl_warmup_epochs * batches_per_epoch)), beyond.train
+        return ModelConfig(
+            kind,
+            latent_dim,
+            hidden_dim=beyond.hidden_dim,
+            channels=tuple(beyond.channels),
+            label_weight=beyond.label_weight,
+            prior_rate=beyond.prior_rate,
+            prior_temperature=beyond.prior_temperature,
+            kl_warmup_batches=round(beyond.kl_warmup_epochs * batches_per_epoch),
+        ), beyond.train
     return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
 
 
 def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -> str:
     """What a checkpoint must match to be resumed: the model, the training params and the data."""
-    blob = {"config": asdict(config), "train": asdict(params),
-            "data": [md5sum(prepared_dir / f"{s}.pt") for s in ("train", "val")]}
+    blob = {
+        "config": asdict(config),
+        "train": asdict(params),
+        "data": [md5sum(prepared_dir / f"{s}.pt") for s in ("train", "val")],
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
 def _run_params(params: Params, config: ModelConfig, train_params: TrainParams, device: torch.device) -> dict:
     """What shapes a run, as used: the architecture keys of this kind only, the device the run trained on."""
     unused = "hidden_dim" if config.kind == LABEL_CVAE else "hidden_dims"
-    return {"model": {k: v for k, v in asdict(config).items() if k != unused},
-            "train": {**{k: v for k, v in asdict(train_params).items() if k != "seeds"}, "device": str(device)},
-            "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"},
-            "execution": asdict(params.execution)}  # what epoch_seconds were measured under
+    return {
+        "model": {k: v for k, v in asdict(config).items() if k != unused},
+        "train": {**{k: v for k, v in asdict(train_params).items() if k != "seeds"}, "device": str(device)},
+        "data": {k: v for k, v in asdict(params.data).items() if k != "mirrors"},
+        "execution": asdict(params.execution),
+    }  # what epoch_seconds were measured under
 
 
-def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
-              history_dir: Path, checkpoint_dir: Path, device: str | None = None,
-              seeds: list[int] | None = None) -> dict:
+def run_train(
+    params: Params,
+    kind: str,
+    latent_dim: int,
+    prepared_dir: Path,
+    out_dir: Path,
+    history_dir: Path,
+    checkpoint_dir: Path,
+    device: str | None = None,
+    seeds: list[int] | None = None,
+) -> dict:
     """Stages `train` and `train_label_cvae`: every seed (params', or `seeds`) of one configuration;
     returns the MLflow run ids: {"parent_run_id": ..., "seed_run_ids": {seed: ...}}.
 
@@ -257,8 +315,9 @@ def run_train(params: Params, kind: str, latent_dim: int, prepared_dir: Path, ou
     PID) and stops on Ctrl-C, SIGTERM or SIGHUP keeping its last finished epoch.
     """
     with files.folder_lock(Path(checkpoint_dir), "trainer"), _stopped_by_signals(bool(os.environ.get("DVC_STAGE"))):
-        return _train_configuration(params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir,
-                                    device, seeds)
+        return _train_configuration(
+            params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir, device, seeds
+        )
 
 
 def _read_checkpoint(path: Path) -> dict | None:
@@ -268,8 +327,10 @@ def _read_checkpoint(path: Path) -> dict | None:
     try:
         return torch.load(path, weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile):
-        raise files.StorageError(f"{path} is truncated or corrupt; delete it (that seed then starts again from "
-                                 "epoch 1) and run the same command again") from None
+        raise files.StorageError(
+            f"{path} is truncated or corrupt; delete it (that seed then starts again from "
+            "epoch 1) and run the same command again"
+        ) from None
 
 
 def _read_state(path: Path) -> dict:
@@ -279,13 +340,23 @@ def _read_state(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
-        raise files.StorageError(f"{path} is truncated or corrupt; delete {path.parent} (training then starts "
-                                 "afresh) and run the same command again") from None
+        raise files.StorageError(
+            f"{path} is truncated or corrupt; delete {path.parent} (training then starts "
+            "afresh) and run the same command again"
+        ) from None
 
 
-def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_dir: Path, out_dir: Path,
-                         history_dir: Path, checkpoint_dir: Path, device: str | None,
-                         seeds: list[int] | None) -> dict:
+def _train_configuration(
+    params: Params,
+    kind: str,
+    latent_dim: int,
+    prepared_dir: Path,
+    out_dir: Path,
+    history_dir: Path,
+    checkpoint_dir: Path,
+    device: str | None,
+    seeds: list[int] | None,
+) -> dict:
     prepared_dir, out_dir, history_dir, checkpoint_dir = map(Path, (prepared_dir, out_dir, history_dir, checkpoint_dir))
     config, train_params = model_setup(params, kind, latent_dim)
     if seeds is not None:
@@ -304,7 +375,10 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
     state = _read_state(state_file)
     if state.get("fingerprint") != fingerprint:
         if state:
-            print(f"{name}: checkpoints in {checkpoint_dir} are for other params or data; starting afresh", file=sys.stderr)
+            print(
+                f"{name}: checkpoints in {checkpoint_dir} are for other params or data; starting afresh",
+                file=sys.stderr,
+            )
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         state = {"fingerprint": fingerprint}
     for folder in (checkpoint_dir, out_dir, history_dir):  # a read-only or missing folder fails now, not after training
@@ -313,14 +387,35 @@ def _train_configuration(params: Params, kind: str, latent_dim: int, prepared_di
     tags = {"model": kind, "latent_dim": str(latent_dim)}
     run_params = _run_params(params, config, train_params, dev)
     datasets = {"training": prepared_dir / "train.pt", "validation": prepared_dir / "val.pt"}
-    with tracking.config_run(params.tracking.experiment, name, state.get("parent_run_id"), run_params, tags,
-                             fingerprint[:16], absent_columns(kind)) as parent:
+    with tracking.config_run(
+        params.tracking.experiment,
+        name,
+        state.get("parent_run_id"),
+        run_params,
+        tags,
+        fingerprint[:16],
+        absent_columns(kind),
+    ) as parent:
         state["parent_run_id"] = parent.run_id
         files.write_atomic(state_file, json.dumps(state))
-        tasks = [SeedTask(config, train_params, seed, name, (checkpoint_dir / f"seed{seed}.pt").resolve(),
-                          device or train_params.device, tracking.tracking_uri(), parent.experiment_id,
-                          parent.run_id, run_params, tags, datasets, params.tracking.system_metrics)
-                 for seed in train_params.seeds]
+        tasks = [
+            SeedTask(
+                config,
+                train_params,
+                seed,
+                name,
+                (checkpoint_dir / f"seed{seed}.pt").resolve(),
+                device or train_params.device,
+                tracking.tracking_uri(),
+                parent.experiment_id,
+                parent.run_id,
+                run_params,
+                tags,
+                datasets,
+                params.tracking.system_metrics,
+            )
+            for seed in train_params.seeds
+        ]
         seed_runs = {}
         for result in EXECUTE[execution.executor](tasks, train, val, execution):
             model = build_model(config)
@@ -374,10 +469,27 @@ def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
         history, run_id = saved["history"], saved["run_id"]
     else:
         parent = tracking.ConfigRun(task.parent_run_id, task.experiment_id, absent_columns(task.config.kind))
-        with parent.seed_run(f"{task.name}/seed{task.seed}", task.seed, saved and saved["run_id"], task.run_params,
-                             task.tags, task.datasets, task.system_metrics) as run:
-            history = fit(model, train, val, task.params, task.seed, run, task.checkpoint, saved, dev,
-                          f"{task.name} seed{task.seed}")
+        with parent.seed_run(
+            f"{task.name}/seed{task.seed}",
+            task.seed,
+            saved and saved["run_id"],
+            task.run_params,
+            task.tags,
+            task.datasets,
+            task.system_metrics,
+        ) as run:
+            history = fit(
+                model,
+                train,
+                val,
+                task.params,
+                task.seed,
+                run,
+                task.checkpoint,
+                saved,
+                dev,
+                f"{task.name} seed{task.seed}",
+            )
             _log_seed_artifacts(model, history, val, task.name, task.seed)
             run_id = run.run_id
         saved = torch.load(task.checkpoint, weights_only=True)
@@ -397,8 +509,9 @@ def _torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def _train_locally(tasks: list[SeedTask], train: Digits, val: Digits,
-                   execution: ExecutionParams) -> Iterator[SeedResult]:
+def _train_locally(
+    tasks: list[SeedTask], train: Digits, val: Digits, execution: ExecutionParams
+) -> Iterator[SeedResult]:
     """Executor `local`: one seed after another in this process (the stage's signal handling covers them)."""
     for task in tasks:
         with _torch_threads(execution.threads):
@@ -415,16 +528,18 @@ def _train_seed_in_worker(task: SeedTask, train: Digits, val: Digits) -> SeedRes
         return train_seed(task, train, val)
 
 
-def _train_in_processes(tasks: list[SeedTask], train: Digits, val: Digits,
-                        execution: ExecutionParams) -> Iterator[SeedResult]:
+def _train_in_processes(
+    tasks: list[SeedTask], train: Digits, val: Digits, execution: ExecutionParams
+) -> Iterator[SeedResult]:
     """Executor `processes`: execution.workers seeds at once, each in a child process of execution.threads threads
     (None: the cores shared among them). Children are spawned (not forked: torch's and MLflow's threads
     do not survive a fork); when this process stops, by a signal or an error, each child gets SIGTERM, so it
     keeps its checkpoint and marks its run KILLED, and is waited for."""
     workers = min(execution.workers, len(tasks))
     threads = execution.threads or max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_seed_worker_started, initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_seed_worker_started, initargs=(threads,)
+    ) as pool:
         futures = [pool.submit(_train_seed_in_worker, task, train, val) for task in tasks]
         try:
             for done in as_completed(futures):
@@ -441,8 +556,10 @@ def _require_ray():
     try:
         import ray
     except ImportError:
-        raise DigitgenError("execution.executor is ray but Ray is not installed; install the extra (uv sync --frozen "
-                            "--extra ray) or set execution.executor to local or processes") from None
+        raise DigitgenError(
+            "execution.executor is ray but Ray is not installed; install the extra (uv sync --frozen "
+            "--extra ray) or set execution.executor to local or processes"
+        ) from None
     return ray
 
 
@@ -459,8 +576,9 @@ def _ray_address_is_remote(address: str) -> bool:
     return False
 
 
-def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits,
-                  execution: ExecutionParams) -> Iterator[SeedResult]:
+def _train_on_ray(
+    tasks: list[SeedTask], train: Digits, val: Digits, execution: ExecutionParams
+) -> Iterator[SeedResult]:
     """Executor `ray`: one Ray task per seed (execution.threads CPUs each, 1 when null) on the cluster at
     $RAY_ADDRESS, or on a Ray started on this machine for the stage when it is unset. The data travels
     through Ray's object store and the weights come back here, so nodes need the project's environment
@@ -468,9 +586,11 @@ def _train_on_ray(tasks: list[SeedTask], train: Digits, val: Digits,
     shared filesystem an interrupted stage resumes there, elsewhere a rerun retrains the unfinished seeds."""
     address = os.environ.get("RAY_ADDRESS", "")
     if _ray_address_is_remote(address) and tracking.store_on_this_machine(tasks[0].tracking_uri):
-        raise DigitgenError(f"RAY_ADDRESS {address} is another machine, which cannot reach the MLflow store "
-                            f"{tasks[0].tracking_uri}; set MLFLOW_TRACKING_URI to a tracking server every node "
-                            "can reach (README: Scaling out)")
+        raise DigitgenError(
+            f"RAY_ADDRESS {address} is another machine, which cannot reach the MLflow store "
+            f"{tasks[0].tracking_uri}; set MLFLOW_TRACKING_URI to a tracking server every node "
+            "can reach (README: Scaling out)"
+        )
     ray = _require_ray()
     threads = execution.threads or 1
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
@@ -511,8 +631,12 @@ def _log_seed_artifacts(model: Model, history, val: Digits, name: str, seed: int
     originals = val.float_images()[:10]
     with tempfile.TemporaryDirectory() as tmp:
         tracking.log_seed_artifacts(
-            {"loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
-             "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
-             "generations.png": figures.generation_grid(model, seed)},
-            f"{name}-seed{seed}", serving.pyfunc_parts(model, originals[0].reshape(28, 28), int(val.labels[0]), tmp))
+            {
+                "loss_curves.png": figures.loss_curve_panels({name: {f"seed{seed}": history}}),
+                "reconstructions.png": figures.reconstruction_grid(model, originals, val.labels[:10]),
+                "generations.png": figures.generation_grid(model, seed),
+            },
+            f"{name}-seed{seed}",
+            serving.pyfunc_parts(model, originals[0].reshape(28, 28), int(val.labels[0]), tmp),
+        )
     model.train()
