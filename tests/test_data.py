@@ -52,6 +52,18 @@ def test_download_from_a_local_mirror_checks_and_keeps_all_four_files(tmp_path, 
     assert sorted(p.name for p in (tmp_path / "data" / "raw").iterdir()) == sorted(MNIST_FILES)
 
 
+def test_a_relative_mirror_is_read_from_the_project_root_in_any_stage_folder(tmp_path, mnist_dir, monkeypatch):
+    """DVC runs the smoke pipeline's stages in pipelines/smoke with DVC_ROOT at the repository root."""
+    shutil.copytree(mnist_dir, tmp_path / "shared" / "mnist")
+    stage_folder = tmp_path / "repo" / "pipelines" / "smoke"
+    stage_folder.mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    monkeypatch.setenv(MIRROR_ENV, "../shared/mnist")
+    monkeypatch.chdir(stage_folder)
+    download([], stage_folder / "data" / "raw")
+    assert sorted(p.name for p in (stage_folder / "data" / "raw").iterdir()) == sorted(MNIST_FILES)
+
+
 def test_a_truncated_file_is_an_error_naming_it_and_leaves_nothing_in_data(tmp_path, bad_mirror, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, str(bad_mirror))
     data = tmp_path / "data"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from digitgen.files import save_torch, write_json
+from digitgen.files import project_root, save_torch, write_json
 from digitgen.params import DataParams, DigitgenError
 
 MIRROR_ENV = "DIGITGEN_MNIST_MIRROR"  # a folder or URL tried before params' mirrors (CI: ../shared/mnist)
@@ -49,8 +49,13 @@ def md5sum(path: Path) -> str:
 
 
 def mirror_list(mirrors: list[str]) -> list[str]:
-    """The mirrors in the order they are tried: $DIGITGEN_MNIST_MIRROR first, then params'."""
+    """The mirrors in the order they are tried: $DIGITGEN_MNIST_MIRROR first, then params'.
+
+    A relative folder in $DIGITGEN_MNIST_MIRROR is read from the project root (DVC_ROOT), not from the
+    stage's folder, so `../shared/mnist` works for the smoke pipeline's stages in pipelines/smoke too."""
     local = os.environ.get(MIRROR_ENV)
+    if local and "://" not in local:
+        local = str(project_root() / local)  # an absolute folder stays as it is
     return list(dict.fromkeys(([local] if local else []) + list(mirrors)))  # each tried once, in order
 
 

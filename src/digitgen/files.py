@@ -23,6 +23,12 @@ from digitgen.params import DigitgenError
 _held: set[Path] = set()  # lock files this process holds (see folder_lock)
 
 
+def project_root() -> Path:
+    """The DVC root when run by DVC (so queued `dvc exp` runs share one store, and a stage in
+    pipelines/smoke reads a relative path as its user meant it), else the working folder."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
 class StorageError(DigitgenError):
     """A folder or file that cannot be written or read back; the message names the path and the fix."""
 

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from digitgen.data import md5sum
+from digitgen.files import project_root
 from digitgen.params import DigitgenError
 
 with warnings.catch_warnings():  # importing MLflow's pyfunc warns about MLflow's own type hints: not ours to fix
@@ -61,11 +62,6 @@ EXPERIMENT_DESCRIPTION = (
     "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
     "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision."
 )
-
-
-def project_root() -> Path:
-    """The DVC root when run by DVC (so queued `dvc exp` runs share one store), else the working folder."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
 def default_store() -> Path:
