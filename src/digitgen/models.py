@@ -14,7 +14,7 @@ The CAE projects the fused vector to the latent with one FC layer; the CVAE proj
 log sigma^2 and samples z = mu + sigma * eps. An absent input adds nothing to the fused sum, which
 is what the study's random input modes (image+digit, image only, digit only) rely on.
 
-The label-conditioned CVAE (reference: label_conditioned_cvae.md) is the classic CVAE, where both
+The label-conditioned CVAE (docs/label-cvae.md) is the classic CVAE, where both
 sides see the one-hot label, so the latent is left to carry the handwriting style:
 
     [image (784), digit (10)] -> FC 512 -> ReLU -> FC 256 -> ReLU -> mu, log sigma^2 (latent_dim 2)
@@ -115,14 +115,12 @@ class Encoder(nn.Module):
         self.digit_path = _pathway(NUM_DIGITS, hidden_dim)
 
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None) -> torch.Tensor:
-        if images is None and digits is None:
-            raise ValueError("the encoder needs an image, a digit, or both")
-        fused = 0
-        if images is not None:
-            fused = fused + self.image_path(images)
-        if digits is not None:
-            fused = fused + self.digit_path(_one_hot(digits, self.digit_path[0].weight))
-        return fused
+        if digits is None:
+            if images is None:
+                raise ValueError("the encoder needs an image, a digit, or both")
+            return self.image_path(images)
+        from_digit = self.digit_path(_one_hot(digits, next(self.digit_path.parameters())))
+        return from_digit if images is None else self.image_path(images) + from_digit
 
 
 class Decoder(nn.Module):
@@ -167,8 +165,10 @@ class JointAutoencoder(nn.Module):
     @staticmethod
     def losses(out: Output, images: torch.Tensor, digits: torch.Tensor) -> Losses:
         bce = F.binary_cross_entropy_with_logits(out.image_logits, images, reduction="none").sum(1).mean()
+        assert out.digit_log_probs is not None  # the CAE and the CVAE always predict the digit
         nll = F.nll_loss(out.digit_log_probs, digits)
-        kl = kl_divergence(out.mu, out.logvar).mean() if out.mu is not None else torch.zeros((), device=bce.device)
+        cvae = out.mu is not None and out.logvar is not None
+        kl = kl_divergence(out.mu, out.logvar).mean() if cvae else torch.zeros((), device=bce.device)
         return Losses(bce + nll + kl, bce, nll, kl)
 
     # Inference: the three conditions of the study. Latents are the mean unless noise is given.
@@ -339,7 +339,8 @@ class ImagePathway(nn.Module):
         if not channels:
             self.body = _pathway(IMAGE_DIM, hidden_dim)
             return
-        layers, in_ch = [nn.Unflatten(1, (1, 28, 28))], 1
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, 28, 28))]
+        in_ch = 1
         for out_ch in channels:
             layers += [nn.Conv2d(in_ch, out_ch, 4, stride=2, padding=1), nn.ReLU()]
             in_ch = out_ch
@@ -398,6 +399,10 @@ class PriorCVAE(nn.Module):
     NVAE, Vahdat & Kautz 2020, sample): the prior is a diagonal Gaussian fitted to a digit's aggregate
     posterior, which is not Gaussian, and its tails reach latents that decode to ambiguous digits.
     """
+
+    prior_mu: torch.Tensor  # the buffers registered below
+    prior_second_moment: torch.Tensor
+    batches_seen: torch.Tensor
 
     def __init__(self, config: ModelConfig):
         super().__init__()

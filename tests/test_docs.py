@@ -1,0 +1,200 @@
+"""The README and the documentation site say what results/ holds, and nothing a clone cannot follow.
+
+Tables of results are included into the site from the files `aggregate` writes; the few numbers the prose
+states are checked here against those files, so a new run that moves them fails a test instead of leaving
+a page that disagrees with results/.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+DOCS = REPO / "docs"
+RESULTS = REPO / "results"
+PAGES = sorted(DOCS.glob("*.md"))
+TEXTS = [REPO / "README.md", *PAGES]
+
+
+def load(name: str):
+    return json.loads((RESULTS / name).read_text())
+
+
+def text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def prose(markdown: str) -> str:
+    """Markdown without fenced code, HTML comments, HTML tags and link targets: what a reader reads as text."""
+    markdown = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    markdown = re.sub(r"<!--.*?-->", "", markdown, flags=re.S)
+    markdown = re.sub(r"<[^>]+>", "", markdown)
+    return re.sub(r"\]\([^)]*\)", "]", markdown)
+
+
+def table_rows(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+def between(markdown: str, name: str) -> str:
+    match = re.search(rf"<!-- {name}:start -->\n(.*?)<!-- {name}:end -->", markdown, flags=re.S)
+    assert match, f"no <!-- {name}:start --> ... <!-- {name}:end --> block"
+    return match.group(1)
+
+
+def test_the_site_builds_with_strict_checks(tmp_path):
+    """Every page in the nav exists, every link and anchor resolves, every included results file and
+    every figure is there (`mkdocs build --strict` turns each warning into a failure)."""
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"NO_MKDOCS_2_WARNING": "1", "PATH": str(Path(sys.executable).parent)},
+    )
+    assert built.returncode == 0, built.stderr
+    results_page = (tmp_path / "site" / "results" / "index.html").read_text()
+    assert "figures/generations_cvae-32.png" in results_page
+    assert (tmp_path / "site" / "results" / "figures" / "generations_cvae-32.png").is_file()
+    assert (tmp_path / "site" / "results" / "label_cvae" / "latent_plane.png").is_file()
+
+
+def test_the_readme_table_1_is_results_table_md():
+    assert table_rows(between(text(REPO / "README.md"), "table1")) == table_rows(text(RESULTS / "table.md"))
+
+
+def test_the_site_includes_results_tables_rather_than_copies():
+    assert '--8<-- "results/table.md"' in text(DOCS / "results.md")
+    assert '--8<-- "results/fidelity.md"' in text(DOCS / "evaluation.md")
+    snippets = yaml.load((REPO / "mkdocs.yml").read_text(), Loader=yaml.BaseLoader)  # BaseLoader: !relative as text
+    extension = next(e for e in snippets["markdown_extensions"] if isinstance(e, dict) and "pymdownx.snippets" in e)
+    assert extension["pymdownx.snippets"]["check_paths"] == "true"
+
+
+def test_the_study_page_table_1_is_the_papers_as_digitgen_compares_with_it():
+    rows = table_rows(between(text(DOCS / "study.md"), "paper-table1"))[2:]
+    page = {r.split("|")[1].strip(): [c.strip().strip("*") for c in r.split("|")[2:-1]] for r in rows}
+    with open(REPO / "src" / "digitgen" / "paper_table1.csv") as f:
+        paper = list(csv.DictReader(f))
+    assert len(page) == len(paper)
+    metrics = ["gen_accuracy", "fid", "inception_score", "classification_accuracy", "reconstruction_error"]
+    for row in paper:
+        model, latent = row["configuration"].split("-")
+        cells = page[f"{model.upper()} ({latent})"]
+        for cell, metric in zip(cells, metrics, strict=True):
+            mean, std = (float(v) for v in cell.split("±"))
+            assert (mean, std) == (float(row[f"{metric}_mean"]), float(row[f"{metric}_std"])), (row, metric)
+
+
+def test_the_champion_the_docs_name_is_results_champion_json():
+    champion = load("champion.json")["model"]
+    for path in (REPO / "README.md", DOCS / "using.md"):
+        tour = text(path)
+        assert "results/champion.json" in tour
+        named = set(re.findall(r"generate --model (models/\S+/seed\d+\.pt) --digits 2026", tour))
+        assert named == {champion}, path
+
+
+def test_the_findings_stated_on_the_results_page_hold():
+    """docs/results.md: the CAE beats the CVAE in generated accuracy, IS, classification accuracy and
+    reconstruction error at every latent size, the CVAE has the lower FID at every size, and
+    reconstruction improves most from 8 to 16 dimensions; the CAE's generations are always recognised."""
+    metrics = load("metrics.json")
+    latent_dims = yaml.safe_load((REPO / "params.yaml").read_text())["study"]["latent_dims"]
+    mean = {(c, m): v["mean"] for c, ms in metrics.items() if isinstance(ms, dict) for m, v in ms.items()}
+    for d in latent_dims:
+        for metric in ("gen_accuracy", "inception_score", "classification_accuracy"):
+            assert mean[f"cae-{d}", metric] > mean[f"cvae-{d}", metric], (d, metric)
+        assert mean[f"cae-{d}", "reconstruction_error"] < mean[f"cvae-{d}", "reconstruction_error"], d
+        assert mean[f"cvae-{d}", "fid"] < mean[f"cae-{d}", "fid"], d
+        assert mean[f"cae-{d}", "gen_accuracy"] == 1.0, d
+    for family in ("cae", "cvae"):
+        errors = [mean[f"{family}-{d}", "reconstruction_error"] for d in latent_dims]
+        gains = [a - b for a, b in zip(errors, errors[1:])]
+        assert gains[0] == max(gains), family
+
+
+def test_the_numbers_the_docs_state_are_the_results_files():
+    reference = load("reference.json")["points"]["held_out_real"]
+    accuracy = load("classifier.json")["test_accuracy"]
+    metrics, summary = load("metrics.json"), load("summary.json")
+    n_generated = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["n_generated"]
+    distinct = {round(v["distinct_fraction"]["mean"] * n_generated) for k, v in summary.items() if k.startswith("cae-")}
+    stated = {
+        "results.md": [
+            f"held-out real data gives FID {reference['fid']:.2f} and IS {reference['inception_score']:.2f}",
+            f"a CNN with {100 * accuracy:.2f} % test accuracy",
+            f"83.14 -> {metrics['cvae-64']['reconstruction_error']['mean']:.2f}",
+            f"`distinct_fraction` is {distinct.pop()} in {n_generated:,}",
+        ],
+        "prior-cvae.md": [
+            f"The separate classifier reaches {accuracy:.3f}",
+            "short by {:.3f} (pcvae-16) and {:.3f} (pcvae-32)".format(
+                *(0.990 - metrics[c]["classification_accuracy"]["mean"] for c in ("pcvae-16", "pcvae-32"))
+            ),
+        ],
+    }
+    assert not distinct, "the CAEs' distinct image counts differ"
+    for page, sentences in stated.items():
+        body = " ".join(text(DOCS / page).split())
+        for sentence in sentences:
+            assert sentence in body, (page, sentence)
+    for config in ("pcvae-16", "pcvae-32"):  # prior-cvae.md's targets: met, met, met, missed
+        m = metrics[config]
+        assert m["gen_accuracy"]["mean"] >= 0.985 and m["fid"]["mean"] <= 60
+        assert m["reconstruction_error"]["mean"] <= 75 and m["classification_accuracy"]["mean"] < 0.990
+
+
+# Every number the README's prose states (outside commands, Table 1 and link targets) and where it comes from.
+README_NUMBERS = {
+    "8": "params.yaml study.latent_dims",
+    "16": "params.yaml study.latent_dims",
+    "32": "params.yaml study.latent_dims",
+    "64": "params.yaml study.latent_dims",
+    "3.11": "pyproject.toml requires-python",
+    "1": "measured: command 1, 1 h 53 min of stages (docs/results.md, 2026-12-03)",
+    "53": "measured: command 1, 1 h 53 min of stages (docs/results.md, 2026-12-03)",
+    "2": "the 2-core machine of results/environment.json",
+    "12-15": "measured: command 2 (docs/ci.md, 2026-12-03)",
+    "2026-12-03": "the date of those measurements",
+}
+
+
+def test_the_readme_states_few_numbers_each_with_its_source():
+    readme = text(REPO / "README.md")
+    body = prose(readme.replace(between(readme, "table1"), ""))
+    body = re.sub(r"https?://\S+|`[^`]*`|[A-Za-z_]+-\d+|^\*\*\d\. ", "", body, flags=re.M)  # urls, code, names, steps
+    numbers = set(re.findall(r"(?<![\w.])\d[\d.,-]*\d|(?<![\w.])\d(?![\w])", body))
+    assert numbers <= set(README_NUMBERS), numbers - set(README_NUMBERS)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert "latent sizes 8, 16, 32 and 64" in " ".join(readme.split())
+    assert params["study"]["latent_dims"] == [8, 16, 32, 64]
+    assert load("environment.json")["cpu_count"] == 2
+    assert '">=3.11' in text(REPO / "pyproject.toml")
+
+
+@pytest.mark.parametrize("path", TEXTS, ids=lambda p: p.name)
+def test_every_command_runs_as_written(path):
+    """Each shell example starts the project's tools through `uv run` (a bare `digitgen` is not on PATH),
+    and nothing points outside the repository (a clone has no ../shared/reference)."""
+    body = text(path)
+    assert "shared/reference" not in body
+    tools = {"digitgen", "dvc", "mlflow", "ray", "pytest", "python"}
+    for block in re.findall(r"^```(?:bash|sh|shell)\n(.*?)^```", body, flags=re.S | re.M):
+        lines = block.splitlines()
+        for previous, line in zip(["", *lines], lines):
+            if previous.rstrip().endswith("\\"):
+                continue  # a continued command
+            for command in re.split(r"&&|\|\||;", line.split(" #")[0]):
+                words = [w for w in command.split() if not re.match(r"^[A-Z_]+=", w)]
+                if words and words[0] in tools:
+                    pytest.fail(f"{path.name}: `{command.strip()}` needs `uv run` in front")
