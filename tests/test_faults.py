@@ -13,6 +13,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import mlflow
 import pytest
 import torch
@@ -22,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from digitgen import tracking
+from digitgen import serving, tracking
 from digitgen import train as train_module
 from digitgen.cli import main
 from digitgen.files import StorageError
@@ -507,6 +508,10 @@ def bomb(tmp_path_factory) -> Path:
             ],
             "metrics bad.json is not valid JSON (line 1 column 11: Expecting value)",
         ),
+        (
+            ["generate", "--model", "models/cae-8/seed0.pt", "--digit", "3", "--out", "x.png"],
+            "(a pipeline's model: `dvc pull models/cae-8/seed0.pt` fetches it from the DVC remote",
+        ),
         (["--params", "dup.yaml", "download"], "dup.yaml:3:1: duplicate key 'data'"),
         (["--params", "broken.yaml", "download"], "broken.yaml:3:5: expected ',' or ']', but got ':'"),
     ],
@@ -551,3 +556,138 @@ def test_device_cuda_without_a_gpu_is_one_line(prepared_dir, tmp_path, monkeypat
     line = _one_line_error(capsys.readouterr().err, "train")
     assert "device cuda is not on this machine (torch sees 0 CUDA GPUs); set the stage's device to auto or cpu" in line
     assert not Path("models").exists()
+
+
+# Issue 29: store errors MLflow does not wrap, concurrent dataset logs, late or misleading messages
+def _corrupt_store(path: Path) -> None:
+    """A SQLite store whose pages past the first are scribbled over: 'database disk image is malformed'."""
+    data = bytearray(path.read_bytes())
+    for offset in range(4096, len(data), 4096):
+        data[offset : offset + 100] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_store_is_one_line_naming_it_from_train_and_generate(
+    prepared_dir, tmp_path, mlflow_store, monkeypatch, capsys
+):
+    tracking.experiment_id("digitgen-test")
+    _corrupt_store(tmp_path / "mlflow.db")
+    capsys.readouterr()  # MLflow's notes on creating the store
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
+    started = time.monotonic()
+    assert main(["train", "--model", "cae", "--latent-dim", "4", "--data", str(prepared_dir)]) == 2
+    line = _one_line_error(capsys.readouterr().err, "train")
+    assert f"the MLflow store {mlflow_store} failed while opening the experiment (database disk image" in line
+    assert "move it aside and restore a backup" in line
+    assert main(["generate", "--model", "runs:/0123456789abcdef", "--digit", "3", "--out", "x.png"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "generate")
+    assert f"the MLflow store {mlflow_store} failed while loading the model runs:/" in line and "malformed" in line
+    assert time.monotonic() - started < 60 and not Path("x.png").exists()
+    assert not list(tmp_path.glob("[mc][oh]*/**/*.pt"))  # no model, no checkpoint
+
+
+def test_a_store_folder_that_cannot_be_written_fails_in_seconds_naming_it(
+    prepared_dir, tmp_path, tmpfs, monkeypatch, capsys
+):
+    read_only = tmpfs("ro", "size=1m,mode=0555")
+    subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+    uri = f"sqlite:///{read_only / 'mlflow.db'}"  # no database there yet: MLflow would retry it for 100 s
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
+    started = time.monotonic()
+    assert main(["train", "--model", "cae", "--latent-dim", "4", "--data", str(prepared_dir)]) == 2
+    assert _one_line_error(capsys.readouterr().err, "train").endswith(
+        f"the MLflow store {uri} cannot be created: {read_only} is not writable; make it writable (or set "
+        "MLFLOW_TRACKING_URI to a store that is), then run the same command again"
+    )
+    assert main(["generate", "--model", "models:/digitgen@champion", "--digit", "3", "--out", "x.png"]) == 2
+    assert f"the MLflow store {uri} cannot be created" in _one_line_error(capsys.readouterr().err, "generate")
+    assert time.monotonic() - started < 30 and not list(tmp_path.glob("[mc][oh]*/**/*.pt"))
+
+
+def test_a_dataset_logged_by_two_runs_at_once_is_no_failure(trained_models, tmp_path, monkeypatch):
+    """Two queued experiments log the test split for the first time at once: the store's unique constraint refuses
+    the second insert. Injected inside MLflow's client: the other run's insert lands between this one's look and
+    its insert (the error is the one SQLite gives)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_models["cae"].tracking_uri)
+    real, calls = MlflowClient.log_inputs, []
+
+    def other_run_first(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:
+            real(self, trained_models["cvae"].run_id, datasets)  # the concurrent run wins the race
+            raise MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                "datasets.digest"
+            )
+        return real(self, run_id, datasets, models)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", other_run_first)
+    test_file = tmp_path / "test.pt"
+    torch.save({"images": torch.zeros(2, 28, 28, dtype=torch.uint8), "labels": torch.zeros(2)}, test_file)
+    figure = plt.figure()
+    tracking.log_evaluation(trained_models["cae"].run_id, {"fid": 1.5}, {"evaluate.seed": "0"}, test_file, figure)
+    run = MlflowClient().get_run(trained_models["cae"].run_id)
+    assert run.data.metrics["test/fid"] == 1.5 and len(calls) == 2
+    assert "mnist-test" in {d.dataset.name for d in run.inputs.dataset_inputs}
+
+
+def test_a_model_from_an_unreachable_server_names_the_server_not_a_missing_model(tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert main(["generate", "--model", "models:/digitgen@champion", "--digit", "3", "--out", "x.png"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "generate")
+    assert line.startswith(
+        f"digitgen generate: error: the MLflow store {uri} failed while loading the model models:/digitgen@champion"
+    )
+    assert "no such" not in line and "make it reachable" in line and time.monotonic() - started < 30
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["reconstruct", "one.png", "--labels", "12", "--out", "r.png"], "expected digit labels in 0..9, got 12"),
+        (["reconstruct", "one.png", "--labels", "1", "2", "--out", "r.png"], "expected one label per image (1 images)"),
+        (["validate", "one.png", "--labels", "10"], "expected digit labels in 0..9, got 10"),
+        (["generate", "--digit", "3", "-n", "0", "--out", "g.png"], "expected n, the number of images per label"),
+        (["generate", "--digits", "12a", "--out", "g.png"], "expected a string of digits 0-9, got 'a'"),
+        (["classify", "nothere.png"], "nothere.png: no such file"),
+    ],
+)
+def test_bad_labels_and_digits_are_refused_before_the_model_loads(args, match, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Image.new("L", (28, 28)).save("one.png")
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input was checked")
+
+    monkeypatch.setattr(serving, "load", too_late)
+    assert main([args[0], "--model", "models:/digitgen@champion", *args[1:]]) == 2
+    assert match in _one_line_error(capsys.readouterr().err, args[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.png"]
+
+
+def test_a_float_written_as_yaml_1_2_does_is_read_as_dvc_reads_it(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()).replace("lr: 0.001", "lr: 1e-3"))
+    assert "lr: 1e-3" in (tmp_path / "params.yaml").read_text()  # PyYAML alone reads the string '1e-3'
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == 0.001 and params.beyond.train.lr == 0.001 and params.train.epochs == 2
+
+
+def test_a_latent_size_that_is_not_a_number_names_params_yaml(prepared_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    Path("params.yaml").write_text(yaml.safe_dump(params_raw(study={"latent_dims": [4, "sixteen"]})))
+    # the command dvc.yaml's matrix makes of it: stage train@cae-sixteen
+    assert main(["train", "--model", "cae", "--latent-dim", "sixteen", "--data", str(prepared_dir)]) == 2
+    assert _one_line_error(capsys.readouterr().err, "train").endswith(
+        "params.yaml: study.latent_dims must be an integer, got 'sixteen'"
+    )
+    Path("params.yaml").write_text(yaml.safe_dump(params_raw()))
+    assert main(["evaluate", "--model", "cae", "--latent-dim", "sixteen"]) == 2
+    assert _one_line_error(capsys.readouterr().err, "evaluate").endswith(
+        "--latent-dim sixteen: expected an integer, a latent size of study.latent_dims in params.yaml"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]

@@ -14,6 +14,7 @@ from digitgen.params import (
     LABEL_CVAE,
     MODEL_KINDS,
     DigitgenError,
+    ParamsError,
     config_name,
     load_params,
     override,
@@ -154,6 +155,12 @@ def _check_regression(args, params) -> int:
 def _check_configuration(args, params) -> None:
     """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim,
     beyond.latent_dims)."""
+    if isinstance(args.latent_dim, str):
+        key = {LABEL_CVAE: "label_cvae.latent_dim", **{k: "beyond.latent_dims" for k in BEYOND_KINDS}}
+        raise ParamsError(
+            f"--latent-dim {args.latent_dim}: expected an integer, a latent size of "
+            f"{key.get(args.model, 'study.latent_dims')} in params.yaml"
+        )
     if args.model == LABEL_CVAE:
         override(params.label_cvae, "label_cvae", "--latent-dim", latent_dim=args.latent_dim)
     elif args.model in BEYOND_KINDS:
@@ -218,12 +225,21 @@ def _model_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _integer_or_text(value: str) -> int | str:
+    """--latent-dim as an integer, or as given: a stage's --latent-dim comes from params.yaml's grid, whose own
+    check then names the key (argparse would print its usage and never name params.yaml)."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
     p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE, *BEYOND_KINDS], help="the model kind")
     p.add_argument(
         "--latent-dim",
-        type=int,
+        type=_integer_or_text,
         required=True,
         help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; "
         "beyond the study: beyond.latent_dims)",

@@ -470,6 +470,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2 (what DVC reads) writes a float without a dot, 1e-3; PyYAML follows YAML 1.1, which needs one (1.0e-3),
+# and would read the string "1e-3". Resolved after PyYAML's own float and int patterns, so 1 stays an integer.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def read_yaml(path: Path) -> object:
     """A YAML file's contents; a syntax error or a duplicate key is a ParamsError naming line and column."""
     try:

@@ -130,6 +130,13 @@ def as_seed(seed: int) -> int:
     return seed
 
 
+def as_count(n: int) -> int:
+    """Check n, the number of images per label: a positive integer."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InputError(f"expected n, the number of images per label, to be a positive integer, got {n!r}")
+    return n
+
+
 def _shape(x: torch.Tensor) -> str:
     return " x ".join(map(str, x.shape)) or "a scalar"
 
@@ -159,9 +166,7 @@ class DigitModel:
         noise, and so the images, repeatable. The CAE's digit-only latent has no noise: its images
         depend on the label alone.
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InputError(f"expected n, the number of images per label, to be a positive integer, got {n!r}")
-        digits = as_labels(labels).repeat_interleave(n)
+        digits = as_labels(labels).repeat_interleave(as_count(n))
         generator = torch.Generator().manual_seed(as_seed(seed)) if seed is not None else None
         noise = torch.randn(1 if same_style else len(digits), self.latent_dim, generator=generator)
         images = self._run(self.net.generate, digits, noise.expand(len(digits), -1))
@@ -220,7 +225,10 @@ def load(source: str | Path, device: str = "cpu") -> DigitModel:
             return DigitModel(_load_file(path, text, device), text)
     path = Path(text)
     if not path.is_file():
-        raise ModelSourceError(f"{text}: no such model file; expected {MODEL_SOURCES}")
+        raise ModelSourceError(
+            f"{text}: no such model file; expected {MODEL_SOURCES} (a pipeline's model: `dvc pull {text}` "
+            "fetches it from the DVC remote, `dvc repro` trains it)"
+        )
     return DigitModel(_load_file(path, text, device), text)
 
 
@@ -453,6 +461,7 @@ def run_generate(
         digit_string(digits)
     else:
         as_labels(digit)
+        as_count(1 if n is None else n)
     require_png_path(out, len(digits) if digits is not None else 1 if n is None else n)
     if seed is not None:
         as_seed(seed)
@@ -479,6 +488,8 @@ def run_reconstruct(
     """`digitgen reconstruct`: reconstructions as one PNG row; (image, digit, probability) for each."""
     images, names = read_pngs(paths)
     require_png_path(out, len(images))
+    if labels is not None:  # bad labels stop here, before the (slow) model load
+        as_labels(labels, count=len(images))
     result = load(source).reconstruct(images, labels)
     write_png(result.images, out)
     if result.digits is None:
@@ -489,6 +500,7 @@ def run_reconstruct(
 def run_validate(source: str, paths: list[Path], labels: list[int]) -> list[tuple[str, int, float]]:
     """`digitgen validate`: (image, given label, probability the label is right) for every image in the files."""
     images, names = read_pngs(paths)
+    as_labels(labels, count=len(images))  # before the (slow) model load
     probs = load(source).validate(images, labels)
     return [(name, int(y), float(p)) for name, y, p in zip(names, labels, probs, strict=False)]
 
@@ -513,19 +525,24 @@ def pyfunc_weights(uri: str):
         raise ModelSourceError(
             f"no MLflow store at {tracking.default_store()}; run from the repository root or set MLFLOW_TRACKING_URI"
         )
+    tracking.require_store(tracking.tracking_uri())
     mlflow.set_tracking_uri(tracking.tracking_uri())
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            if re.fullmatch(r"runs:/[^/]+/?", uri):
-                uri = tracking.logged_model_uri(uri.removeprefix("runs:/").rstrip("/"))
-            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+            # a store that is down, read-only or corrupt is named as such; only a model it does not hold is "no such"
+            with tracking.store_errors(f"loading the model {uri}"):
+                try:
+                    if re.fullmatch(r"runs:/[^/]+/?", uri):
+                        uri = tracking.logged_model_uri(uri.removeprefix("runs:/").rstrip("/"))
+                    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+                except MlflowException as err:
+                    if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                        raise
+                    raise ModelSourceError(
+                        f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({str(err).splitlines()[0]}); "
+                        "expected runs:/<run_id> or models:/<name>@<alias>"
+                    ) from None
             weights = Model.load(local).flavors["python_function"]["artifacts"]["weights"]["path"]
-        except (MlflowException, tracking.TrackingError) as err:
-            reason = str(err).splitlines()[0]
-            raise ModelSourceError(
-                f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({reason}); "
-                "expected runs:/<run_id> or models:/<name>@<alias>"
-            ) from None
         except ImportError as err:  # s3://, gs://, ... need their client package
             raise ModelSourceError(
                 f"{uri}: reading it needs the package {err.name}, which is not installed; "

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -30,11 +31,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import mlflow
 import requests
+import sqlalchemy.exc
 import yaml
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from digitgen import files
 from digitgen.data import md5sum
 from digitgen.files import project_root
 from digitgen.params import DigitgenError
@@ -56,7 +59,8 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 # progress bars are for a person at a terminal, not for the logs of a stage
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", str(sys.stderr.isatty()).lower())
-STORE_ERRORS = (MlflowException, OSError, requests.RequestException)  # what a store that is down or read-only raises
+# what a store that is down, read-only, full or corrupt raises: MLflow wraps some of the database's errors, not all
+STORE_ERRORS = (MlflowException, OSError, requests.RequestException, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error)
 EXPERIMENT_DESCRIPTION = (
     "digitgen: the study's joint CAE and CVAE on MNIST. One parent run per configuration (cae-8, cvae-16, ...) "
     "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
@@ -93,9 +97,27 @@ def store_on_this_machine(uri: str) -> bool:
     return urllib.parse.urlparse(uri).scheme in ("", "file", "sqlite")
 
 
+def require_store(uri: str) -> None:
+    """A SQLite store that does not exist yet needs a folder it can be created in: asked of MLflow, a folder it
+    cannot write is retried for about 100 s (10 attempts) before a long SQLAlchemy traceback."""
+    if urllib.parse.urlparse(uri).scheme != "sqlite" or uri in ("sqlite://", "sqlite:///:memory:"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    try:
+        files.require_writable(path.parent)
+    except files.StorageError:
+        raise TrackingError(
+            f"the MLflow store {uri} cannot be created: {path.parent} is not writable; make it writable (or set "
+            "MLFLOW_TRACKING_URI to a store that is), then run the same command again"
+        ) from None
+
+
 def experiment_id(name: str) -> str:
     """Point MLflow at our store and return the experiment's id, creating it (artifacts at the root) if new."""
     uri = tracking_uri()
+    require_store(uri)
     mlflow.set_tracking_uri(uri)
     with store_errors("opening the experiment"):
         found = mlflow.get_experiment_by_name(name)
@@ -112,16 +134,21 @@ def experiment_id(name: str) -> str:
 
 @contextlib.contextmanager
 def store_errors(doing: str):
-    """A tracking store that is unreachable, read-only or full, as one line naming it and the fix."""
+    """A tracking store that is unreachable, read-only, full or corrupt, as one line naming it and the fix."""
     try:
         yield
     except STORE_ERRORS as err:
         text = str(err)
         cause = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", text) or re.search(r"\(sqlite3\.\w+\) ([^\n\[]+)", text)
         reason = cause.group(1).strip() if cause else text.splitlines()[0][:200] if text else type(err).__name__
+        corrupt = re.search(r"malformed|not a database", reason)
+        fix = (
+            "move it aside and restore a backup (or let the next command start an empty store)"
+            if corrupt
+            else "make it reachable and writable (or set MLFLOW_TRACKING_URI to one that is)"
+        )
         raise TrackingError(
-            f"the MLflow store {tracking_uri()} failed while {doing} ({reason}); make it reachable "
-            "and writable (or set MLFLOW_TRACKING_URI to one that is), then run the same command "
+            f"the MLflow store {tracking_uri()} failed while {doing} ({reason}); {fix}, then run the same command "
             "again (a stopped training resumes from its last checkpoint)"
         ) from None
 
@@ -294,6 +321,18 @@ def _dataset_input(path: Path, name: str, context: str) -> DatasetInput:
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
+def _log_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
+    """client.log_inputs, where a dataset that another run logs for the first time at the same moment is no
+    failure: the store looks for the dataset, finds none, and its unique constraint then refuses the second of the
+    two inserts; tried again, the dataset is there and is linked to this run."""
+    try:
+        client.log_inputs(run_id, inputs)
+    except (MlflowException, sqlalchemy.exc.IntegrityError) as err:
+        if not re.search(r"IntegrityError|UNIQUE constraint failed|duplicate key value", str(err)):
+            raise
+        client.log_inputs(run_id, inputs)
+
+
 class SeedRun:
     """The handle the training loop logs through."""
 
@@ -341,7 +380,8 @@ class ConfigRun:
                 with store_errors("tagging the seed run"):
                     mlflow.set_tags({**tags, "seed": str(seed)})
                     mlflow.log_params({**flatten(params), "seed": str(seed)})
-                    MlflowClient().log_inputs(
+                    _log_inputs(
+                        MlflowClient(),
                         run.info.run_id,
                         [_dataset_input(path, f"mnist-{path.stem}", context) for context, path in datasets.items()],
                     )
@@ -545,7 +585,7 @@ def log_evaluation(run_id: str, metrics: dict[str, float], evaluation: dict[str,
     client = MlflowClient(tracking_uri())
     with store_errors("logging the evaluation"):
         dataset = _dataset_input(test_file, f"mnist-{Path(test_file).stem}", "evaluation")
-        client.log_inputs(run_id, [dataset])
+        _log_inputs(client, run_id, [dataset])
         model_id, now = _model_id(client, run_id), int(time.time() * 1000)
         logged = client.get_run(run_id).data.params
         client.log_batch(
