@@ -8,6 +8,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from digitgen.params import (
     BEYOND_KINDS,
@@ -200,7 +201,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         shown = action.option_strings and action.default not in (None, False, argparse.SUPPRESS)
-        return f"{action.help} (default: %(default)s)" if shown else action.help
+        return f"{action.help} (default: %(default)s)" if shown else action.help or ""
 
 
 def _command(sub, name: str, func, help: str, needs_params: bool = True) -> argparse.ArgumentParser:
@@ -246,7 +247,8 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-PREPARED = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}  # every --data
+# every --data
+PREPARED: dict[str, Any] = {"type": Path, "default": Path("data/prepared"), "help": "the prepared split"}
 
 
 def _judge_arguments(p: argparse.ArgumentParser) -> None:

@@ -43,7 +43,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -316,7 +316,7 @@ def model_metrics(model: Model, test: Digits, seed: int) -> dict[str, float]:
     metrics["loss"] = (terms.bce + terms.nll + terms.kl).item()  # the terms, not the (possibly weighted) total
     try:
         metrics["classification_accuracy"] = (model.classify(images).argmax(1) == labels).sum().item() / len(labels)
-        metrics["reconstruction_error_image_only"] = bce(model.reconstruct(images)[0])
+        metrics["reconstruction_error_image_only"] = bce(model.reconstruct(images, None)[0])
     except UnsupportedTask:
         pass
     return metrics
@@ -392,7 +392,7 @@ def run_reference(
     judge = Judge.load(classifier_path, params, cache_root)
     train, val, test = (load_split(prepared_dir, split) for split in ("train", "val", "test"))
     test_set = real_set(test, "test")
-    reference = judge.generation_metrics(test_set.images, test.labels, None)
+    reference: dict[str, Any] = judge.generation_metrics(test_set.images, test.labels, None)
     reference.update(judge.fidelity(real_set(val, "val"), test_set, isc=False))
     reference["points"] = {
         name: judge.generation_metrics(images, digits, test)

@@ -167,8 +167,9 @@ class JointAutoencoder(nn.Module):
         bce = F.binary_cross_entropy_with_logits(out.image_logits, images, reduction="none").sum(1).mean()
         assert out.digit_log_probs is not None  # the CAE and the CVAE always predict the digit
         nll = F.nll_loss(out.digit_log_probs, digits)
-        cvae = out.mu is not None and out.logvar is not None
-        kl = kl_divergence(out.mu, out.logvar).mean() if cvae else torch.zeros((), device=bce.device)
+        kl = torch.zeros((), device=bce.device)  # the CAE's
+        if out.mu is not None and out.logvar is not None:
+            kl = kl_divergence(out.mu, out.logvar).mean()
         return Losses(bce + nll + kl, bce, nll, kl)
 
     # Inference: the three conditions of the study. Latents are the mean unless noise is given.

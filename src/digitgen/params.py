@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 
@@ -30,7 +30,10 @@ EXECUTORS = ("local", "processes", "ray")
 # per digit fitted to training latents; prior, z ~ N(0, I) (the label CVAE's own way; the study's models
 # carry the digit in z, so for them the prior ignores the label)
 SAMPLERS = ("study", "fitted", "prior")
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a params section
 
 
 def config_name(kind: str, latent_dim: int) -> str:
@@ -84,7 +87,7 @@ class StudyParams:
             _require(kind in MODEL_KINDS, "models", f"a list of {', '.join(MODEL_KINDS)}", self.models)
         _require(len(self.models) > 0, "models", "a non-empty list", self.models)
         _require(
-            all(d > 0 for d in self.latent_dims) and self.latent_dims,
+            bool(self.latent_dims) and all(d > 0 for d in self.latent_dims),
             "latent_dims",
             "a non-empty list of positive integers",
             self.latent_dims,
@@ -318,7 +321,7 @@ class BeyondParams:
             self.models,
         )
         _require(
-            all(d > 0 for d in self.latent_dims) and self.latent_dims,
+            bool(self.latent_dims) and all(d > 0 for d in self.latent_dims),
             "latent_dims",
             "a non-empty list of positive integers",
             self.latent_dims,
@@ -388,10 +391,10 @@ def _type_name(tp: object) -> str:
     return getattr(tp, "__name__", str(tp)).replace("typing.", "")
 
 
-def _convert(value: object, tp: object, key: str) -> object:
+def _convert(value: Any, tp: Any, key: str) -> object:
     """Check `value` against the annotation `tp`, building nested dataclasses; raise on mismatch."""
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
@@ -417,7 +420,7 @@ def _convert(value: object, tp: object, key: str) -> object:
     return value
 
 
-def _build(cls: type, raw: object, prefix: str) -> object:
+def _build(cls: type, raw: Any, prefix: str) -> object:
     where = f"{prefix}." if prefix else ""
     _require(isinstance(raw, dict), prefix or "params.yaml", "a mapping of keys to values", raw)
     hints = typing.get_type_hints(cls)
@@ -479,13 +482,13 @@ _UniqueKeyLoader.add_implicit_resolver(
 )
 
 
-def read_yaml(path: Path) -> object:
+def read_yaml(path: Path) -> Any:
     """A YAML file's contents; a syntax error or a duplicate key is a ParamsError naming line and column."""
     try:
         return yaml.load(Path(path).read_text(), Loader=_UniqueKeyLoader)
     except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise ParamsError(f"{path}:{mark.line + 1}:{mark.column + 1}: {err.problem}; fix the YAML there") from None
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if (mark := err.problem_mark) else str(path)
+        raise ParamsError(f"{where}: {err.problem}; fix the YAML there") from None
     except yaml.YAMLError as err:
         raise ParamsError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
 

@@ -25,8 +25,9 @@ import pickle
 import re
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -35,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from digitgen import figures
 from digitgen.files import write_atomic
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, UnsupportedTask, load_model, save_model
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, save_model
 from digitgen.params import DigitgenError
 
 SIDE = 28  # MNIST images are 28 x 28 pixels
@@ -144,7 +145,7 @@ def _shape(x: torch.Tensor) -> str:
 class DigitModel:
     """A trained joint model under the study's conditions; build one with `load`."""
 
-    def __init__(self, net: torch.nn.Module, source: str):
+    def __init__(self, net: Model, source: str):
         self.net = net.eval()
         self.source = source
         self.kind = net.config.kind
@@ -274,7 +275,7 @@ def request_frame(mode: str, images=None, digits=None) -> pd.DataFrame:
         raise InputError("expected images, digits or both")
     x = as_images(images).tolist() if images is not None else None
     y = as_labels(digits, len(x) if x is not None else None).double().tolist() if digits is not None else None
-    count = len(x) if x is not None else len(y)
+    count = len(x) if x is not None else len(y or [])  # y is given where x is not
     return pd.DataFrame({"mode": [mode] * count, "digit": y or [math.nan] * count, "pixels": x or [None] * count})
 
 
@@ -294,7 +295,7 @@ def predict_frame(
             raise InputError(f"expected mode to be one of {', '.join(MODES)}, got {mode!r} in row {i}")
     given = [None if _missing(v) else v for v in (frame["digit"] if "digit" in frame else [None] * n)]
     cells = frame["pixels"].tolist() if "pixels" in frame else [None] * n
-    out = {"digit": given[:], "probability": [None] * n, "probs": [None] * n, "pixels": [None] * n}
+    out: dict[str, list[Any]] = {"digit": given[:], **{name: [None] * n for name in ("probability", "probs", "pixels")}}
 
     def labels(rows: list[int], mode: str) -> torch.Tensor:
         for i in rows:
@@ -325,7 +326,7 @@ def predict_frame(
         if rows := rows_of("reconstruct", with_digit):
             result = model.reconstruct(images(rows, "reconstruct"), labels(rows, "reconstruct") if with_digit else None)
             fill(rows, pixels=result.images)
-            if result.digits is not None:
+            if result.digits is not None and result.probs is not None:
                 fill(
                     rows,
                     digit=result.digits,
@@ -435,7 +436,7 @@ def require_png_path(out: Path, count: int) -> None:
         raise InputError(f"--out {out} is a folder; give a file name such as {Path(out) / 'digits.png'}")
 
 
-def read_pngs(paths: list[str | Path]) -> tuple[torch.Tensor, list[str]]:
+def read_pngs(paths: Sequence[str | Path]) -> tuple[torch.Tensor, list[str]]:
     """Every image in the files, in order, and a name for each: the path, with [i] for a tile of a grid."""
     batches = [read_png(p) for p in paths]
     names = [str(p) if len(b) == 1 else f"{p}[{i}]" for p, b in zip(paths, batches, strict=True) for i in range(len(b))]
@@ -492,7 +493,7 @@ def run_reconstruct(
         as_labels(labels, count=len(images))
     result = load(source).reconstruct(images, labels)
     write_png(result.images, out)
-    if result.digits is None:
+    if result.digits is None or result.probs is None:
         return [(name, None, None) for name in names]
     return [(name, int(d), float(p[d])) for name, d, p in zip(names, result.digits, result.probs, strict=False)]
 
@@ -588,9 +589,12 @@ def _pyfunc_class() -> type:
     from mlflow.exceptions import MlflowException
     from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-    from digitgen.tracking import mlflow  # MLflow with its pyfunc, imported without MLflow's own warnings
+    from digitgen import tracking  # noqa: F401 (first: it imports MLflow's pyfunc without MLflow's own warnings)
 
-    class DigitgenPyfunc(mlflow.pyfunc.PythonModel):
+    # isort: split
+    from mlflow.pyfunc import PythonModel
+
+    class DigitgenPyfunc(PythonModel):
         """Serves every condition of the study through one request table (predict_frame)."""
 
         def load_context(self, context) -> None:
@@ -622,7 +626,7 @@ mlflow.models.set_model(DigitgenPyfunc())
 """
 
 
-def pyfunc_parts(net, image: torch.Tensor, digit: int, folder: Path) -> dict:
+def pyfunc_parts(net, image: torch.Tensor, digit: int, folder: str | Path) -> dict:
     """What mlflow.pyfunc.log_model needs to log `net` as the digitgen pyfunc: the wrapper's code, its weights
     (both written to `folder`), signature and an input example of every condition the model supports."""
     weights, code = Path(folder) / WEIGHTS_FILE, Path(folder) / "digitgen_pyfunc.py"

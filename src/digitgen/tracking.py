@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.metadata
+import json
 import logging
 import os
 import re
@@ -33,7 +34,8 @@ import mlflow
 import requests
 import sqlalchemy.exc
 import yaml
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
+from matplotlib.figure import Figure
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -310,15 +312,11 @@ def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
 
 
 def _dataset_input(path: Path, name: str, context: str) -> DatasetInput:
-    """A prepared split as an MLflow dataset: its name, the md5 of its file as digest, the file as source."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-
-    with warnings.catch_warnings():  # MLflow registers its local-file source twice and warns that it is ambiguous
-        warnings.filterwarnings("ignore", "The specified dataset source can be interpreted in multiple ways")
-        source = resolve_dataset_source(str(Path(path).resolve()))
-    dataset = MetaDataset(source, name=name, digest=md5sum(path)[:8])
-    return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
+    """A prepared split as an MLflow dataset: its name, the md5 of its file as digest, the file as source (a local
+    file, recorded as MLflow's own local-file dataset source records one)."""
+    source = json.dumps({"uri": str(Path(path).resolve())})
+    dataset = Dataset(name=name, digest=md5sum(path)[:8], source_type="local", source=source)
+    return DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])
 
 
 def _log_inputs(client: MlflowClient, run_id: str, inputs: list[DatasetInput]) -> None:
@@ -453,7 +451,7 @@ def _pinned(*distributions: str) -> list[str]:
     return [f"{d}=={importlib.metadata.version(d).split('+')[0]}" for d in distributions]
 
 
-def log_seed_artifacts(figures: dict[str, object], model_name: str, pyfunc: dict) -> None:
+def log_seed_artifacts(figures: dict[str, Figure], model_name: str, pyfunc: dict) -> None:
     """End-of-training artifacts of the active seed run: figures and the serving pyfunc model (named
     <config>-seed<s>; `pyfunc` holds serving.pyfunc_parts)."""
     with store_errors("logging the trained model"):

@@ -92,9 +92,12 @@ def validation_losses(model: Model, images, digits, params: TrainParams, seed: i
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         expected = sum(
-            p * _sum_losses(model, images, digits, mode, 1024)
-            for mode, p in mode_probabilities(params.input_modes).items()
-            if p > 0
+            (
+                p * _sum_losses(model, images, digits, mode, 1024)
+                for mode, p in mode_probabilities(params.input_modes).items()
+                if p > 0
+            ),
+            torch.zeros(()),
         )
     metrics = {f"val_{term}": v for term, v in zip(figures.LOSS_TERMS, (expected / len(digits)).tolist(), strict=False)}
     if not isinstance(model, LabelCVAE):  # the label CVAE has no digit head
@@ -286,7 +289,7 @@ def _fingerprint(config: ModelConfig, params: TrainParams, prepared_dir: Path) -
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
-def _run_params(params: Params, config: ModelConfig, train_params: TrainParams, device: torch.device) -> dict:
+def _run_params(params: Params, config: ModelConfig, train_params: TrainParams, device: str | torch.device) -> dict:
     """What shapes a run, as used: the architecture keys of this kind only, the device the run trained on."""
     unused = "hidden_dim" if config.kind == LABEL_CVAE else "hidden_dims"
     return {
@@ -366,9 +369,8 @@ def _train_configuration(
     execution = params.execution
     # the device the seeds train on, as run params record it; a device missing here fails now, not in a worker.
     # Ray's nodes resolve their own (they may have one this machine lacks): recorded as asked for.
-    dev = device or train_params.device
-    if execution.executor != "ray":
-        dev = resolve_device(dev)
+    asked = device or train_params.device
+    dev = asked if execution.executor == "ray" else resolve_device(asked)
 
     fingerprint = _fingerprint(config, train_params, prepared_dir)
     state_file = checkpoint_dir / "state.json"
@@ -472,7 +474,7 @@ def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
         with parent.seed_run(
             f"{task.name}/seed{task.seed}",
             task.seed,
-            saved and saved["run_id"],
+            saved["run_id"] if saved else None,
             task.run_params,
             task.tags,
             task.datasets,
@@ -548,7 +550,7 @@ def _train_in_processes(
             for future in futures:
                 future.cancel()
             for child in multiprocessing.active_children():  # the pool's workers, the only children we start
-                os.kill(child.pid, signal.SIGTERM)
+                child.terminate()  # SIGTERM
             raise
 
 
