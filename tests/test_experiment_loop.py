@@ -21,6 +21,8 @@ from conftest import GIT_IDENTITY, REPO, command_env, copy_from_repo
 
 from digitgen.data import MIRROR_ENV
 
+pytestmark = pytest.mark.slow  # every test here runs dvc (repro, exp run, queued sweeps) in a copy of the repository
+
 SMOKE = "pipelines/smoke"
 # The smoke params shrunk to one study configuration (CVAE, latent 8), one seed and tiny data: every stage still
 # runs, and a stage costs little more than starting Python with torch and MLflow.

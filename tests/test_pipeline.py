@@ -13,6 +13,8 @@ from conftest import command_env, copy_from_repo
 
 from digitgen.data import MIRROR_ENV
 
+pytestmark = pytest.mark.slow  # every test here runs `dvc repro` in a copy of the repository
+
 COPIED = ["dvc.yaml", "params.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]
 
 

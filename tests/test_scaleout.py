@@ -22,6 +22,8 @@ from digitgen.models import load_model
 from digitgen.params import DigitgenError
 from digitgen.train import run_train
 
+pytestmark = pytest.mark.slow  # every test here starts seed workers: processes or a Ray cluster
+
 
 def _train(params, prepared_dir, root: Path, kind="cvae") -> dict:
     return run_train(params, kind, 4, prepared_dir, root / "models", root / "histories", root / "checkpoints")

@@ -19,6 +19,8 @@ from conftest import LOOPBACK, command_env, free_port
 import digitgen
 from digitgen.serving import request_frame
 
+pytestmark = pytest.mark.slow  # every test here starts `mlflow models serve`
+
 START_SECONDS = 180  # a fresh process imports MLflow and torch and loads the model: slow on a busy CPU
 _no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback even where a proxy is set
 

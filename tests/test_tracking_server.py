@@ -22,6 +22,8 @@ from mlflow.tracking import MlflowClient
 from digitgen.data import MIRROR_ENV
 from digitgen.train import run_train
 
+pytestmark = pytest.mark.slow  # every test here starts an MLflow tracking server
+
 
 @pytest.fixture
 def start_server(tmp_path):
