@@ -19,6 +19,7 @@ def test_stage_writes_weights_and_their_test_accuracy(trained_classifier, mnist_
     assert metrics["test_accuracy"] > 0.9  # a usable judge even from 1,000 training images
 
 
+@pytest.mark.slow  # trains the classifier
 def test_stage_fails_below_min_test_accuracy_and_keeps_no_weights(prepared_dir, tmp_path):
     params = make_params(classifier={"epochs": 1, "min_test_accuracy": 1.0}).classifier
     with pytest.raises(ClassifierError, match="classifier.min_test_accuracy") as err:
@@ -28,6 +29,7 @@ def test_stage_fails_below_min_test_accuracy_and_keeps_no_weights(prepared_dir, 
     assert json.loads((tmp_path / "classifier.json").read_text())["test_accuracy"] < 1.0  # still shown
 
 
+@pytest.mark.slow  # trains the classifier twice
 def test_training_is_seeded_and_the_extractor_name_follows_the_weights(prepared_dir, tmp_path):
     names = {}
     for run, seed in (("a", 0), ("b", 0), ("c", 1)):

