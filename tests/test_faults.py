@@ -104,6 +104,7 @@ def tmpfs(tmp_path):
 
 
 # Kills: SIGTERM to the pipeline, kill -9 in the middle of a checkpoint write, a second trainer
+@pytest.mark.slow  # runs dvc repro, kills it, runs it again
 def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninterrupted_run_does(
     tmp_path, prepared_dir, monkeypatch
 ):
@@ -175,6 +176,7 @@ run_train(load_params(root / "params.yaml"), "cvae", 4, root / "prepared", root 
 """
 
 
+@pytest.mark.slow  # a trainer process, killed
 def test_kill_9_during_a_checkpoint_write_keeps_the_last_checkpoint_and_a_rerun_resumes_it(
     prepared_dir, tmp_path, mlflow_store
 ):
@@ -212,6 +214,7 @@ with folder_lock(Path(sys.argv[1]), "trainer"):
 """
 
 
+@pytest.mark.slow  # a second process holds the lock
 def test_a_second_trainer_on_the_same_checkpoints_stops_at_once_naming_the_first(tmp_path, prepared_dir, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()))
     checkpoints = tmp_path / "checkpoints" / "cae-4"
@@ -248,6 +251,7 @@ def test_a_second_trainer_on_the_same_checkpoints_stops_at_once_naming_the_first
 
 
 # Divergence
+@pytest.mark.slow  # trains until the loss diverges
 @pytest.mark.parametrize("kind", ["cae", "cvae"])
 def test_a_divergent_learning_rate_fails_the_run_and_writes_no_model(kind, prepared_dir, tmp_path, mlflow_store):
     with pytest.raises(DivergenceError) as err:
@@ -260,12 +264,14 @@ def test_a_divergent_learning_rate_fails_the_run_and_writes_no_model(kind, prepa
     assert set(runs.status) == {"FAILED"} and len(runs) == 2  # the configuration's run and the seed's
 
 
+@pytest.mark.slow  # trains
 def test_a_loss_past_max_loss_counts_as_divergence(prepared_dir, tmp_path, mlflow_store):
     with pytest.raises(DivergenceError, match=r"train_loss [\d.e+]+ \(limit: train.max_loss 10\); lower train.lr"):
         _train(_params(train={"epochs": 1, "max_loss": 10}), prepared_dir, tmp_path, "cae")
 
 
 # The disk: full, read-only; files cut short
+@pytest.mark.slow  # mounts a tmpfs; trains twice
 def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resumes(
     prepared_dir, tmp_path, tmpfs, mlflow_store
 ):
@@ -289,6 +295,7 @@ def test_a_full_disk_names_the_path_keeps_the_last_checkpoint_and_a_rerun_resume
     assert _same_weights(tmp_path / "models" / "seed0.pt", straight)
 
 
+@pytest.mark.slow  # mounts a tmpfs
 @pytest.mark.parametrize("where", ["out", "store"])
 def test_a_read_only_output_folder_or_store_fails_before_training(where, prepared_dir, tmp_path, tmpfs, monkeypatch):
     read_only = tmpfs("ro", "size=10m")
@@ -314,6 +321,7 @@ def test_a_read_only_output_folder_or_store_fails_before_training(where, prepare
     assert not (tmp_path / "checkpoints" / "seed0.pt").exists()  # nothing trained
 
 
+@pytest.mark.slow  # trains twice
 def test_a_truncated_checkpoint_on_resume_is_one_line_naming_it(prepared_dir, tmp_path, mlflow_store, monkeypatch):
     monkeypatch.setattr(train_module, "validation_losses", _interrupt_in_epoch(2))
     with pytest.raises(KeyboardInterrupt):
@@ -355,6 +363,7 @@ def test_an_unreachable_tracking_server_fails_in_seconds_naming_it(prepared_dir,
     assert str(err.value).startswith(f"the MLflow store {uri} failed while opening the experiment (Connection refused)")
 
 
+@pytest.mark.slow  # trains three times
 def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(
     prepared_dir, tmp_path, mlflow_store, monkeypatch
 ):
@@ -383,6 +392,7 @@ def test_a_store_outage_during_training_is_reported_at_once_and_a_rerun_resumes(
 
 
 # Ctrl-C
+@pytest.mark.slow  # trains
 def test_ctrl_c_twice_prints_one_line_and_still_marks_the_run_killed(
     prepared_dir, tmp_path, mlflow_store, monkeypatch, capsys
 ):
@@ -586,6 +596,7 @@ def test_a_corrupt_store_is_one_line_naming_it_from_train_and_generate(
     assert not list(tmp_path.glob("[mc][oh]*/**/*.pt"))  # no model, no checkpoint
 
 
+@pytest.mark.slow  # mounts a tmpfs
 def test_a_store_folder_that_cannot_be_written_fails_in_seconds_naming_it(
     prepared_dir, tmp_path, tmpfs, monkeypatch, capsys
 ):
