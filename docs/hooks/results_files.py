@@ -1,5 +1,5 @@
-"""MkDocs hook: the figures the pipeline writes (results/figures, results/label_cvae, the evaluation
-sample grids) become files of the site at the same paths, so a page links `results/figures/x.png` and
+"""MkDocs hook: the figures the pipeline writes (results/*.png, results/figures, results/label_cvae, the
+evaluation sample grids) become files of the site at the same paths, so a page links `results/figures/x.png` and
 `mkdocs build --strict` checks that the picture exists. Nothing is copied by hand or kept in docs/."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from mkdocs.structure.files import File, Files
 
-FOLDERS = ("results/figures", "results/label_cvae", "results/evaluation")
+FOLDERS = ("results", "results/figures", "results/label_cvae", "results/evaluation")  # results: its own PNGs only
 
 
 def on_files(files: Files, config) -> Files:
