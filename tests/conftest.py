@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import shutil
 import socket
@@ -231,6 +232,25 @@ def trained_classifier(tmp_path_factory, mnist_subset) -> Path:
         root / "classifier.json",
     )
     return root / "classifier.pt"
+
+
+@pytest.fixture
+def ray_cluster(monkeypatch):
+    """A Ray cluster on 127.0.0.1: a head that runs no tasks and two worker nodes of one CPU each."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("Ray is not installed (the ray extra: uv sync --frozen --extra ray)")
+    # every node and the driver on 127.0.0.1: Ray's single-machine mode, read when ray is first imported
+    assert "ray" not in sys.modules, "ray was imported before this fixture could keep it on 127.0.0.1"
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
+    yield cluster
+    cluster.shutdown()
 
 
 @pytest.fixture(autouse=True)

@@ -4,11 +4,13 @@ non-zero exit and nothing half-written; a re-run after the fix resumes where the
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -28,7 +30,7 @@ from digitgen import train as train_module
 from digitgen.cli import main
 from digitgen.files import StorageError
 from digitgen.models import load_model, save_model
-from digitgen.params import load_params, parse_params
+from digitgen.params import DigitgenError, ParamsError, load_params, parse_params
 from digitgen.tracking import TrackingError
 from digitgen.train import DivergenceError, read_history, run_train
 
@@ -639,7 +641,7 @@ def test_a_dataset_logged_by_two_runs_at_once_is_no_failure(trained_models, tmp_
     torch.save({"images": torch.zeros(2, 28, 28, dtype=torch.uint8), "labels": torch.zeros(2)}, test_file)
     figure = plt.figure()
     tracking.log_evaluation(trained_models["cae"].run_id, {"fid": 1.5}, {"evaluate.seed": "0"}, test_file, figure)
-    run = MlflowClient().get_run(trained_models["cae"].run_id)
+    run = MlflowClient(tracking.tracking_uri()).get_run(trained_models["cae"].run_id)
     assert run.data.metrics["test/fid"] == 1.5 and len(calls) == 2
     assert "mnist-test" in {d.dataset.name for d in run.inputs.dataset_inputs}
 
@@ -702,3 +704,175 @@ def test_a_latent_size_that_is_not_a_number_names_params_yaml(prepared_dir, tmp_
         "--latent-dim sixteen: expected an integer, a latent size of study.latent_dims in params.yaml"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]
+
+
+# Issue 29: params.yaml changed under a trainer, sizes past their limits, evaluate stopped with its dvc
+@pytest.mark.slow  # trains, then saves
+def test_params_changed_while_training_fail_the_runs_save_nothing_and_a_rerun_recovers(
+    prepared_dir, tmp_path, mlflow_store, monkeypatch, capsys
+):
+    """Two `dvc exp run` at once in one workspace: each writes its value into params.yaml before DVC's lock stops
+    the second, so the first trains with one value while DVC would record the other. Injected as that write,
+    during the first epoch's validation."""
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params_raw()))
+    real = train_module.validation_losses
+
+    def second_exp_run_writes_params(*args, **kwargs):
+        params_file.write_text(yaml.safe_dump(params_raw(train={"lr": 0.0003})))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "validation_losses", second_exp_run_writes_params)
+    argv = ["--params", str(params_file), "train", "--model", "cae", "--latent-dim", "4", "--data", str(prepared_dir)]
+    assert main(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # after the epochs' progress lines
+    assert line.startswith("digitgen train: error: ")
+    assert f"{params_file} changed while cae-4 trained: train.lr was 0.001 when training started and is 0.0003" in line
+    assert "Run experiments side by side through the queue (dvc exp run --queue -S ..., then dvc queue start)" in line
+    assert not list(tmp_path.glob("models/**/*.pt")) and not list(tmp_path.glob("histories/**/*.csv"))
+    runs = mlflow.search_runs(experiment_names=["digitgen-test"])
+    assert set(runs.status) == {"FAILED"} and len(runs) == 2  # the configuration's run and the seed's
+    assert runs["tags.failure"].str.contains("changed while cae-4 trained: train.lr").all()
+
+    monkeypatch.setattr(train_module, "validation_losses", real)
+    params_file.write_text(yaml.safe_dump(params_raw()))  # the values it trained with, restored
+    assert main(argv) == 0  # the finished checkpoint is saved, not retrained
+    assert (tmp_path / "models" / "cae-4" / "seed0.pt").is_file()
+    runs = mlflow.search_runs(experiment_names=["digitgen-test"])
+    assert set(runs.status) == {"FINISHED"} and len(runs) == 2 and "tags.failure" not in runs  # the tags cleared
+
+
+@pytest.mark.parametrize(
+    "train, match",
+    [
+        (
+            {"epochs": 2_000_000_000},
+            "train.epochs: 2000000000 epochs is past limits.epochs 1000; cae-4's 1 seed(s) x 2000000000 epochs of "
+            "1000 images would take about 55,555.6 hours (limits.epoch_seconds_per_1000_images 0.1) and ",
+        ),
+        ({"seeds": list(range(1000))}, "train.seeds: 1000 seeds is past limits.seeds 20; cae-4's 1000 seed(s) x 2"),
+    ],
+)
+def test_a_size_past_its_limit_stops_at_once_with_its_cost_and_the_override(
+    train, match, prepared_dir, tmp_path, mlflow_store, capsys
+):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw(train=train)))
+    started = time.monotonic()
+    assert main(["train", "--model", "cae", "--latent-dim", "4", "--data", str(prepared_dir)]) == 2
+    line = _one_line_error(capsys.readouterr().err, "train")
+    assert match in line and "MB of disk" in line and "to go on, set limits." in line
+    assert time.monotonic() - started < 10
+    assert not list(tmp_path.glob("[mc][oh]*/**/*.pt")) and not (tmp_path / "mlflow.db").exists()  # no run either
+    # the override: a limit raised in params.yaml lets the size through
+    raised = _params(train=train, limits={"epochs": 2_000_000_000, "seeds": 1000})
+    config, train_params = train_module.model_setup(raised, "cae", 4)
+    train_module._require_within_limits(raised.limits, config, train_params, "train", "cae-4", 1000)
+
+
+def test_an_evaluation_past_its_image_limit_is_refused_with_its_memory(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw(evaluate={"n_generated": 10_000_000})))
+    with pytest.raises(ParamsError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert str(err.value).endswith(
+        "evaluate.n_generated: 10000000 images is past limits.n_generated 100000; they take 31.4 GB of memory at "
+        "once for each seed evaluated; to go on, set limits.n_generated in params.yaml to at least 10000000"
+    )
+
+
+def _child_running(parent: int, word: str) -> int | None:
+    """The PID of a child of `parent` whose command line holds `word`, once it has loaded torch (by then the
+    command has asked to die with its parent)."""
+    try:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except FileNotFoundError:
+        return None
+    for pid in map(int, children):
+        try:
+            if word in Path(f"/proc/{pid}/cmdline").read_text() and "libtorch" in Path(f"/proc/{pid}/maps").read_text():
+                return pid
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_sigterm_to_dvc_repro_stops_the_evaluator_and_a_rerun_records_the_evaluation(
+    tmp_path, prepared_dir, trained_models, trained_classifier
+):
+    root = tmp_path / "repo"
+    for name in ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        if (REPO / name).is_dir():
+            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / name, root / name)
+    shutil.copytree(prepared_dir, root / "data" / "prepared")
+    (root / "models" / "cae-4").mkdir(parents=True)
+    shutil.copy(trained_models["cae"].path, root / "models" / "cae-4" / "seed0.pt")
+    shutil.copy(trained_classifier, root / "models" / "classifier.pt")
+    raw = params_raw(study={"models": ["cae"], "latent_dims": [4]}, label_cvae={"latent_dim": 2})
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    env = command_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    repro = [sys.executable, "-m", "dvc", "repro", "--single-item", "evaluate@cae-4"]
+
+    dvc = subprocess.Popen(repro, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline, evaluator = time.monotonic() + 240, None
+    while evaluator is None and dvc.poll() is None and time.monotonic() < deadline:
+        evaluator = _child_running(dvc.pid, "evaluate")
+        time.sleep(0.05)
+    assert evaluator is not None, dvc.communicate()[0]
+    dvc.send_signal(signal.SIGTERM)
+    dvc.wait(60)
+    deadline = time.monotonic() + 60
+    while alive(evaluator) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(evaluator)  # no orphan writing an evaluation dvc.lock does not record
+    assert not (root / "results" / "evaluation" / "cae-4.json").exists()
+
+    again = subprocess.run(repro, cwd=root, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr + again.stdout
+    assert (root / "results" / "evaluation" / "cae-4.json").is_file()
+    assert "evaluate@cae-4" in (root / "dvc.lock").read_text()
+
+
+def _kill_the_worker_of(checkpoint: Path, not_pid: int | None, killed: list) -> None:
+    """Kill -9 the Ray worker that trains the seed of `checkpoint` (its run's process_pid, once not `not_pid`)."""
+    client, deadline = MlflowClient(tracking.tracking_uri()), time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if checkpoint.exists():
+            run = client.get_run(torch.load(checkpoint, weights_only=True)["run_id"])
+            pid = int(run.data.tags["process_pid"])
+            if run.info.status == "RUNNING" and pid != not_pid:
+                os.kill(pid, signal.SIGKILL)
+                killed.append((pid, run.info.run_id))
+                return
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_ray_worker_killed_mid_training_is_retried_and_past_its_retries_its_run_is_failed(
+    prepared_dir, tmp_path, mlflow_store, ray_cluster
+):
+    checkpoint, killed = tmp_path / "checkpoints" / "seed0.pt", []
+
+    def train(retries: int) -> dict:
+        params = _params(train={"epochs": 40}, execution={"executor": "ray", "threads": 1, "retries": retries})
+        last = killed[-1][0] if killed else None
+        killer = threading.Thread(target=_kill_the_worker_of, args=(checkpoint, last, killed))
+        killer.start()
+        try:
+            return _train(params, prepared_dir, tmp_path, "cae")
+        finally:
+            killer.join()
+
+    with pytest.raises(DigitgenError) as err:  # no retries: the seed is lost, its run FAILED, not left RUNNING
+        train(retries=0)
+    pid, run_id = killed[0]
+    assert str(err.value).startswith("cae-4 seed0: its Ray worker died on each of 1 tries (WorkerCrashedError; ")
+    assert "run the same command again (or raise execution.retries)" in str(err.value) and "\n" not in str(err.value)
+    assert _status(run_id) == "FAILED"
+
+    runs = train(retries=1)  # killed again, and retried: the retry resumes the checkpoint and the same run
+    assert len(killed) == 2 and runs["seed_run_ids"]["0"] == run_id and _status(run_id) == "FINISHED"
+    assert [r["epoch"] for r in read_history(tmp_path / "histories" / "seed0.csv")] == list(range(1, 41))

@@ -3,7 +3,6 @@ several nodes (on 127.0.0.1), and the error that keeps a remote cluster off a st
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -134,25 +133,6 @@ def test_a_remote_ray_cluster_with_a_store_only_this_machine_reaches_is_one_line
         "reach (README: Scaling out)"
     )
     assert not (tmp_path / "checkpoints" / "seed0.pt").exists()
-
-
-@pytest.fixture
-def ray_cluster(monkeypatch):
-    """A Ray cluster on 127.0.0.1: a head that runs no tasks and two worker nodes of one CPU each."""
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip("Ray is not installed (the ray extra: uv sync --frozen --extra ray)")
-    # every node and the driver on 127.0.0.1: Ray's single-machine mode, read when ray is first imported
-    assert "ray" not in sys.modules, "ray was imported before this fixture could keep it on 127.0.0.1"
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-    yield cluster
-    cluster.shutdown()
 
 
 def test_seeds_as_ray_tasks_on_two_worker_nodes_reach_the_local_executors_weights(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from digitgen.params import (
     override,
     train_section,
 )
+from digitgen.stopping import stopped_by_signals
 
 
 def _download(args, params) -> None:
@@ -65,6 +67,7 @@ def _train(args, params) -> None:
             checkpoints,
             args.device,
             args.seeds,
+            args.params,
         )
 
 
@@ -382,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         params = load_params(args.params) if args.needs_params else None
-        status = args.func(args, params)
+        with stopped_by_signals(die_with_parent=bool(os.environ.get("DVC_STAGE"))):  # a stage stops with its dvc
+            status = args.func(args, params)
     except (DigitgenError, FileNotFoundError) as err:
         print(f"digitgen {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -144,11 +144,13 @@ class ExecutionParams:
     executor: str = "local"
     workers: int = 2  # seeds trained at once by the processes executor
     threads: int | None = None  # torch threads per training; None: the cores shared among those at once (ray: 1)
+    retries: int = 2  # ray: runs again of a seed whose worker died, each resuming the seed's checkpoint
 
     def __post_init__(self) -> None:
         _require(self.executor in EXECUTORS, "executor", f"one of {', '.join(EXECUTORS)}", self.executor)
         _require(self.workers > 0, "workers", "a positive integer", self.workers)
         _require(self.threads is None or self.threads > 0, "threads", "a positive integer or null", self.threads)
+        _require(self.retries >= 0, "retries", "a non-negative integer", self.retries)
 
 
 def _require_device(device: str) -> None:
@@ -373,6 +375,28 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class LimitsParams:
+    """Sizes past which a stage stops before it starts, saying what the size would cost; raising a limit in
+    params.yaml is the override. No stage lists this section: a limit changes what may run, not what it computes."""
+
+    epochs: int = 1000  # per seed, in every train section
+    seeds: int = 20  # per configuration
+    n_generated: int = 100_000  # evaluate: images generated per seed, held in memory at once (3.1 kB each)
+    epoch_seconds_per_1000_images: float = 0.1  # the estimate's speed: 4-5 s a 48,000-image epoch on 2 cores
+
+    def __post_init__(self) -> None:
+        _require(self.epochs > 0, "epochs", "a positive integer", self.epochs)
+        _require(self.seeds > 0, "seeds", "a positive integer", self.seeds)
+        _require(self.n_generated > 0, "n_generated", "a positive integer", self.n_generated)
+        _require(
+            self.epoch_seconds_per_1000_images > 0,
+            "epoch_seconds_per_1000_images",
+            "a positive number",
+            self.epoch_seconds_per_1000_images,
+        )
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataParams
     study: StudyParams = field(default_factory=StudyParams)
@@ -385,6 +409,16 @@ class Params:
     registry: RegistryParams = field(default_factory=RegistryParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    limits: LimitsParams = field(default_factory=LimitsParams)
+
+    def __post_init__(self) -> None:
+        n, limit = self.evaluate.n_generated, self.limits.n_generated
+        if n > limit:
+            raise ParamsError(
+                f"evaluate.n_generated: {n} images is past limits.n_generated {limit}; they take "
+                f"{n * 28 * 28 * 4 / 1e9:,.1f} GB of memory at once for each seed evaluated; to go on, set "
+                f"limits.n_generated in params.yaml to at least {n}"
+            )
 
 
 def _type_name(tp: object) -> str:

@@ -53,6 +53,7 @@ ARTIFACTS_DIR = "mlartifacts"
 CHAMPION_ALIAS = "champion"  # the registered best configuration: models:/<model_name>@champion
 MODEL_MD5_TAG = "model_md5"  # on each seed run: the md5 of the model file it wrote
 FINGERPRINT_TAG = "fingerprint"  # model, training params and data: with the commit, what makes two runs the same
+FAILURE_TAG = "failure"  # why a run that ended well is FAILED (params.yaml changed while it trained)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # the tag MLflow's UI shows as the run's source version
 EVALUATION_SAMPLES = "evaluation_samples.png"
 # MLflow retries an unreachable tracking server for minutes by default (7 retries, 120 s timeouts);
@@ -293,6 +294,28 @@ def _process_gone(run) -> bool:
     return False
 
 
+def fail_runs(run_ids: list[str], reason: str) -> None:
+    """Mark runs FAILED, tagged `failure` with the reason: runs that ended well but whose results must not count
+    (params.yaml changed while they trained)."""
+    client = MlflowClient(tracking_uri())
+    with store_errors("marking runs FAILED"):
+        for run_id in run_ids:
+            client.set_tag(run_id, FAILURE_TAG, reason)
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+def running_seed_runs(parent_run_id: str, seed: int) -> list[str]:
+    """The runs of one seed under a configuration's run still RUNNING (a worker that died left them so)."""
+    client = MlflowClient(tracking_uri())
+    with store_errors("looking for a seed's run"):
+        experiment = client.get_run(parent_run_id).info.experiment_id
+        found = client.search_runs(
+            [experiment],
+            f"tags.`mlflow.parentRunId` = '{parent_run_id}' AND tags.seed = '{seed}' AND attributes.status = 'RUNNING'",
+        )
+    return [run.info.run_id for run in found]
+
+
 def end_stale_runs(exp_id: str, tags: dict[str, str]) -> list[str]:
     """Mark KILLED the RUNNING runs with these tags whose trainer on this machine is gone (kill -9, a crash).
 
@@ -443,6 +466,9 @@ def config_run(
             with store_errors("tagging the configuration run"):
                 mlflow.set_tags({**tags, FINGERPRINT_TAG: fingerprint})
                 mlflow.log_params(flatten(params))
+        elif FAILURE_TAG in run.data.tags:  # resumed after a params.yaml change failed it
+            with store_errors("resuming the configuration run"):
+                MlflowClient().delete_tag(run.info.run_id, FAILURE_TAG)
         yield ConfigRun(run.info.run_id, exp_id, absent_columns)
 
 
@@ -508,6 +534,9 @@ def finish_seed_run(run_id: str, model_file: Path) -> None:
     with store_errors("tagging the seed run with its model"):
         client.set_tag(run_id, MODEL_MD5_TAG, md5)
         run = client.get_run(run_id)
+        if FAILURE_TAG in run.data.tags:  # FAILED only because params.yaml changed; saved now under its own values
+            client.delete_tag(run_id, FAILURE_TAG)
+            client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
         parent = run.data.tags.get("mlflow.parentRunId")
         if parent is None:
             return

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import ctypes
 import hashlib
 import io
 import json
@@ -24,7 +23,6 @@ import multiprocessing
 import os
 import pickle
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -49,11 +47,23 @@ from digitgen.params import (
     LABEL_CVAE,
     DigitgenError,
     ExecutionParams,
+    LimitsParams,
     Params,
+    ParamsError,
     TrainParams,
     config_name,
+    load_params,
     train_section,
 )
+from digitgen.stopping import stopped_by_signals
+
+
+class SizeError(DigitgenError):
+    """A training past params.yaml's limits; the message holds what it would cost and how to allow it."""
+
+
+class ParamsChangedError(DigitgenError):
+    """params.yaml changed while a configuration trained; the message names the key and the queue."""
 
 
 class EpochLogger(Protocol):
@@ -201,40 +211,6 @@ def _check_divergence(model: Model, row: dict[str, float], params: TrainParams, 
     )
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-_PR_SET_PDEATHSIG = 1  # Linux prctl(2): the signal this process gets when its parent dies
-
-
-def _raise_keyboard_interrupt(signum, frame):
-    for stop in STOP_SIGNALS:  # a second signal must not interrupt the cleanup (checkpoint kept, run marked KILLED)
-        signal.signal(stop, signal.SIG_IGN)
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def _stopped_by_signals(die_with_parent: bool):
-    """Ctrl-C, SIGTERM and SIGHUP (unless ignored, as under nohup) end training as KeyboardInterrupt.
-
-    With die_with_parent (Linux) the process also gets SIGTERM when its parent dies: the trainer under DVC,
-    so `kill <dvc pid>` never leaves an orphaned trainer writing to the checkpoints, and each seed worker
-    of the processes executor, so a trainer killed with -9 leaves none either.
-    """
-    previous = {stop: signal.getsignal(stop) for stop in STOP_SIGNALS}
-    for stop, handler in previous.items():
-        if handler is not signal.SIG_IGN:
-            signal.signal(stop, _raise_keyboard_interrupt)
-    with_parent = sys.platform == "linux" and die_with_parent
-    if with_parent:
-        ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    try:
-        yield
-    finally:
-        if with_parent:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, 0)
-        for stop, handler in previous.items():
-            signal.signal(stop, handler)
-
-
 TIMINGS = ("epoch_seconds",)  # history columns that differ run to run: logged, never cached
 
 
@@ -310,17 +286,77 @@ def run_train(
     checkpoint_dir: Path,
     device: str | None = None,
     seeds: list[int] | None = None,
+    params_file: Path | None = None,
 ) -> dict:
     """Stages `train` and `train_label_cvae`: every seed (params', or `seeds`) of one configuration;
     returns the MLflow run ids: {"parent_run_id": ..., "seed_run_ids": {seed: ...}}.
 
     The trainer owns checkpoint_dir while it runs (a second trainer stops at once, naming this one's
-    PID) and stops on Ctrl-C, SIGTERM or SIGHUP keeping its last finished epoch.
+    PID) and stops on Ctrl-C, SIGTERM or SIGHUP keeping its last finished epoch. params_file, the file
+    `params` was read from, is read again as each seed finishes: nothing is saved when what it says this
+    configuration trains with changed meanwhile.
     """
-    with files.folder_lock(Path(checkpoint_dir), "trainer"), _stopped_by_signals(bool(os.environ.get("DVC_STAGE"))):
+    with files.folder_lock(Path(checkpoint_dir), "trainer"), stopped_by_signals(bool(os.environ.get("DVC_STAGE"))):
         return _train_configuration(
-            params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir, device, seeds
+            params, kind, latent_dim, prepared_dir, out_dir, history_dir, checkpoint_dir, device, seeds, params_file
         )
+
+
+def _require_within_limits(
+    limits: LimitsParams, config: ModelConfig, params: TrainParams, section: str, name: str, images: int
+) -> None:
+    """Stop, before any run or checkpoint, a training past limits.epochs or limits.seeds, saying what it would
+    cost: hours at limits.epoch_seconds_per_1000_images, and the disk its models and checkpoints take."""
+    seeds, epochs = len(params.seeds), params.epochs
+    sizes = (("epochs", epochs, limits.epochs), ("seeds", seeds, limits.seeds))
+    over = [(key, value, limit) for key, value, limit in sizes if value > limit]
+    if not over:
+        return
+    key, value, limit = over[0]
+    hours = seeds * epochs * images / 1000 * limits.epoch_seconds_per_1000_images / 3600
+    model_mb = sum(p.numel() for p in build_model(config).parameters()) * 4 / 1e6  # float32 weights
+    raise SizeError(
+        f"{section}.{key}: {value} {key} is past limits.{key} {limit}; {name}'s {seeds} seed(s) x {epochs} epochs "
+        f"of {images} images would take about {hours:,.1f} hours (limits.epoch_seconds_per_1000_images "
+        f"{limits.epoch_seconds_per_1000_images:g}) and {5 * seeds * model_mb:,.1f} MB of disk ({seeds} model(s) of "
+        f"{model_mb:,.1f} MB, as much again in MLflow, checkpoints of 3x while training); to go on, set limits.{key} "
+        f"in params.yaml to at least {value}"
+    )
+
+
+def _trained_with(params: Params, kind: str, latent_dim: int) -> dict[str, str]:
+    """What a configuration trains with, by key: its model, its train section and the data split."""
+    config, train_params = model_setup(params, kind, latent_dim)
+    return tracking.flatten(
+        {"model": asdict(config), train_section(kind): asdict(train_params), "data": asdict(params.data)}
+    )
+
+
+def _require_params_unchanged(params_file: Path | None, params: Params, kind: str, latent_dim: int, runs: list) -> None:
+    """Stop, marking the runs FAILED, when params_file no longer says what this configuration trained with.
+
+    Two `dvc exp run` in one workspace each write their values into params.yaml before DVC's lock stops the
+    second, so a trainer can train with one value while DVC records the other; `runs`: the parent run's id
+    and the seeds' results so far."""
+    if params_file is None:
+        return
+    started = _trained_with(params, kind, latent_dim)
+    try:
+        now = _trained_with(load_params(params_file), kind, latent_dim)
+        key = next((k for k in started if started[k] != now.get(k)), None)
+        change = key and f"{key} was {started[key]} when training started and is {now.get(key)} now"
+    except ParamsError as err:
+        change = f"it no longer reads ({err})"
+    if not change:
+        return
+    message = (
+        f"{params_file} changed while {config_name(kind, latent_dim)} trained: {change}. Another `dvc exp run` in "
+        "this workspace (or an edit) wrote it, and DVC would record these results under values they were not "
+        "trained with, so nothing was saved and the runs are FAILED. Run experiments side by side through the "
+        "queue (dvc exp run --queue -S ..., then dvc queue start), restore the params and run this again"
+    )
+    tracking.fail_runs([run if isinstance(run, str) else run.run_id for run in runs], message)
+    raise ParamsChangedError(message)
 
 
 def _read_checkpoint(path: Path) -> dict | None:
@@ -359,6 +395,7 @@ def _train_configuration(
     checkpoint_dir: Path,
     device: str | None,
     seeds: list[int] | None,
+    params_file: Path | None,
 ) -> dict:
     prepared_dir, out_dir, history_dir, checkpoint_dir = map(Path, (prepared_dir, out_dir, history_dir, checkpoint_dir))
     config, train_params = model_setup(params, kind, latent_dim)
@@ -366,6 +403,7 @@ def _train_configuration(
         train_params = replace(train_params, seeds=seeds)
     name = config_name(kind, latent_dim)
     train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    _require_within_limits(params.limits, config, train_params, train_section(kind), name, len(train.labels))
     execution = params.execution
     # the device the seeds train on, as run params record it; a device missing here fails now, not in a worker.
     # Ray's nodes resolve their own (they may have one this machine lacks): recorded as asked for.
@@ -418,8 +456,12 @@ def _train_configuration(
             )
             for seed in train_params.seeds
         ]
+        results: list[SeedResult] = []
+        for result in EXECUTE[execution.executor](tasks, train, val, execution):  # saved once every seed is done
+            results.append(result)
+            _require_params_unchanged(params_file, params, kind, latent_dim, [parent.run_id, *results])
         seed_runs = {}
-        for result in EXECUTE[execution.executor](tasks, train, val, execution):
+        for result in results:
             model = build_model(config)
             model.load_state_dict(result.weights)
             save_model(model, out_dir / f"seed{result.seed}.pt")
@@ -526,7 +568,7 @@ def _seed_worker_started(threads: int) -> None:
 
 def _train_seed_in_worker(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
     tracking.use_store(task.tracking_uri)
-    with _stopped_by_signals(die_with_parent=True):  # Ctrl-C, SIGTERM, or the trainer gone: checkpoint kept, run KILLED
+    with stopped_by_signals(die_with_parent=True):  # Ctrl-C, SIGTERM, or the trainer gone: checkpoint kept, run KILLED
         return train_seed(task, train, val)
 
 
@@ -597,9 +639,11 @@ def _train_on_ray(
     threads = execution.threads or 1
     ray.init(address=address or None, include_dashboard=False, log_to_driver=True)
     try:
-        remote = ray.remote(_train_seed_with_threads).options(num_cpus=threads, max_retries=0)
+        # a task is run again when its worker dies, never for an error of its own (retry_exceptions is off)
+        remote = ray.remote(_train_seed_with_threads).options(num_cpus=threads, max_retries=execution.retries)
         data = ray.put(train), ray.put(val)
-        pending = [remote.remote(task, *data, threads) for task in tasks]
+        task_of = {remote.remote(task, *data, threads): task for task in tasks}
+        pending = list(task_of)
         try:
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
@@ -607,6 +651,8 @@ def _train_on_ray(
                     result = ray.get(done[0])
                 except ray.exceptions.RayTaskError as err:  # the task's own error (divergence, the store...)
                     raise err.cause from None
+                except ray.exceptions.RayError as err:  # its worker died on every try (WorkerCrashedError, ...)
+                    raise _seed_lost(task_of[done[0]], err, execution.retries) from None
                 yield result
         except BaseException:
             for ref in pending:  # Ray raises KeyboardInterrupt in the task: checkpoint kept, run KILLED
@@ -616,6 +662,17 @@ def _train_on_ray(
             raise
     finally:
         ray.shutdown()
+
+
+def _seed_lost(task: SeedTask, err: Exception, retries: int) -> DigitgenError:
+    """A seed whose Ray worker died on each try: its run, left RUNNING by the dead worker, is marked FAILED."""
+    message = (
+        f"{task.name} seed{task.seed}: its Ray worker died on each of {retries + 1} tries ({type(err).__name__}; "
+        f"execution.retries is {retries}); its MLflow run is marked FAILED and its checkpoint on that node keeps "
+        "the last finished epoch: run the same command again (or raise execution.retries)"
+    )
+    tracking.fail_runs(tracking.running_seed_runs(task.parent_run_id, task.seed), message)
+    return DigitgenError(message)
 
 
 def _train_seed_with_threads(task: SeedTask, train: Digits, val: Digits, threads: int) -> SeedResult:
