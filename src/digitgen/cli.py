@@ -153,7 +153,19 @@ def _aggregate(args, params) -> None:
 def _check_regression(args, params) -> int:
     from digitgen.regression import run_check_regression
 
-    return 0 if run_check_regression(args.metrics, args.baseline, args.thresholds) else 1
+    return (
+        0
+        if run_check_regression(
+            args.metrics, args.baseline, args.thresholds, args.pipeline_params, args.baseline_params
+        )
+        else 1
+    )
+
+
+def _compare(args, params) -> None:
+    from digitgen.revisions import run_compare
+
+    print(run_compare(args.revisions, args.pipeline, args.markdown), end="")
 
 
 def _check_configuration(args, params) -> None:
@@ -195,6 +207,7 @@ Pipeline stages (what `dvc repro` runs; see dvc.yaml):
 
 Maintenance and CI:
   check-regression     the CI gate: fresh smoke metrics against the committed baseline
+  compare              Table 1 in the workspace against git revisions or DVC experiments, CAE beside CVAE
 
 `digitgen COMMAND --help` describes a command's options."""
 
@@ -378,6 +391,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--thresholds", type=Path, default=smoke / "thresholds.yaml", help="the allowed worsening per metric"
     )
+    p.add_argument(
+        "--pipeline-params", type=Path, default=smoke / "params.yaml", help="the params the fresh run was made with"
+    )
+    p.add_argument(
+        "--baseline-params",
+        type=Path,
+        default=smoke / "baseline.params.yaml",
+        help="the params the baseline was made with (named when they differ)",
+    )
+
+    p = _command(
+        sub,
+        "compare",
+        _compare,
+        "Table 1's means in the workspace against git revisions or DVC experiments (none given: HEAD), CAE beside "
+        "CVAE per latent size, changes from the first marked",
+        False,
+    )
+    p.add_argument("revisions", nargs="*", metavar="REV_OR_EXP", help="git revisions or DVC experiment names")
+    p.add_argument(
+        "--pipeline", type=Path, default=Path("."), help="the pipeline's folder (the smoke one: pipelines/smoke)"
+    )
+    p.add_argument("--markdown", action="store_true", help="markdown, for a pull request or $GITHUB_STEP_SUMMARY")
     return parser
 
 

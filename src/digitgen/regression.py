@@ -134,22 +134,54 @@ def headline(verdicts: list[Verdict]) -> str:
     )
 
 
-def write_step_summary(verdicts: list[Verdict], path: Path) -> None:
+def write_step_summary(verdicts: list[Verdict], path: Path, hint: str = "") -> None:
     """The verdict as GitHub-flavoured markdown, appended to the job summary: failures first, then the rest."""
     table = _table(sorted(verdicts, key=lambda v: not v.failed))
+    note = f"{hint}\n\n" if hint else ""
     with open(path, "a") as summary:
-        summary.write(f"## Metrics regression gate\n\n**{headline(verdicts)}**\n\n{table.to_markdown(index=False)}\n")
+        summary.write(
+            f"## Metrics regression gate\n\n**{headline(verdicts)}**\n\n{note}{table.to_markdown(index=False)}\n"
+        )
 
 
-def run_check_regression(metrics_path: Path, baseline_path: Path, thresholds_path: Path) -> bool:
-    """Print the verdict table and a summary line; True when nothing regressed or went missing."""
+def params_differences(baseline_params: Path, params: Path) -> list[str]:
+    """The params whose values differ from those the baseline was made with (its sidecar file, written beside it
+    when it is refreshed), as "train.epochs 2 (baseline 8)"; params only one side has are left out."""
+    if not Path(baseline_params).is_file() or not Path(params).is_file():
+        return []
+    from digitgen.tracking import flatten  # only here: the gate itself needs no MLflow
+
+    old, new = flatten(read_yaml(baseline_params) or {}), flatten(read_yaml(params) or {})
+    return [
+        f"{key} {new[key]} (baseline {old[key]})" for key in sorted(old.keys() & new.keys()) if old[key] != new[key]
+    ]
+
+
+def params_hint(differences: list[str], baseline_params: Path) -> str:
+    return (
+        f"params differ from the baseline's ({baseline_params}): {', '.join(differences)}; the metrics moved with "
+        "them, so rerun with the baseline's params (`dvc exp apply`/`git checkout` them back) or, if the change is "
+        "meant, refresh the baseline"
+        if differences
+        else ""
+    )
+
+
+def run_check_regression(
+    metrics_path: Path, baseline_path: Path, thresholds_path: Path, params_path: Path, baseline_params_path: Path
+) -> bool:
+    """Print the verdict table, a summary line and which params differ from the baseline's; True when nothing
+    regressed or went missing."""
     verdicts = compare(
         _load_summary(baseline_path, "baseline"),
         _load_summary(metrics_path, "metrics"),
         load_thresholds(thresholds_path),
     )
+    hint = params_hint(params_differences(baseline_params_path, params_path), baseline_params_path)
     print(render(verdicts))
     print(headline(verdicts))
+    if hint:
+        print(hint)
     if os.environ.get("GITHUB_STEP_SUMMARY"):
-        write_step_summary(verdicts, Path(os.environ["GITHUB_STEP_SUMMARY"]))
+        write_step_summary(verdicts, Path(os.environ["GITHUB_STEP_SUMMARY"]), hint)
     return not any(v.failed for v in verdicts)

@@ -35,7 +35,7 @@ import requests
 import sqlalchemy.exc
 import yaml
 from matplotlib.figure import Figure
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -69,6 +69,16 @@ EXPERIMENT_DESCRIPTION = (
     "carries the mean and std over seeds of Table 1's metrics (test/fid_mean, test/fid_std, ...) and the final losses; "
     "expand it for one run per seed. The run named `summary` holds Table 1 and the champion decision."
 )
+# MLflow 3 types an experiment (tag mlflow.experimentKind); ours trains models. The 3.17 UI opens in GenAI mode
+# whatever the tag says, unless the link carries ?workflowType=machine_learning (runs_link) or the browser has
+# chosen "Model training" in the sidebar once (it remembers it)
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+UI_MODE = "workflowType=machine_learning"
+# The saved runs view "Table 1" (the UI's Views menu; ?viewStateShareKey=table1 opens it): the configurations'
+# parent runs, CAE beside CVAE by latent size, their family, latent size and epochs and Table 1's means
+TABLE1_VIEW = "table1"
+TABLE1_VIEW_TAG = f"mlflow.sharedViewState.{TABLE1_VIEW}"
+SIGNIFICANT_DIGITS = 4  # a parent run's summaries as logged: the UI shows metrics unrounded
 
 
 def default_store() -> Path:
@@ -124,15 +134,15 @@ def experiment_id(name: str) -> str:
     mlflow.set_tracking_uri(uri)
     with store_errors("opening the experiment"):
         found = mlflow.get_experiment_by_name(name)
+        tags = {"mlflow.note.content": EXPERIMENT_DESCRIPTION, **EXPERIMENT_KIND}
         if found is not None:
-            if "mlflow.note.content" not in found.tags:  # made before experiments had a description
-                MlflowClient().set_experiment_tag(found.experiment_id, "mlflow.note.content", EXPERIMENT_DESCRIPTION)
+            for key, value in tags.items():
+                if key not in found.tags:  # made before experiments had a description, or a kind
+                    MlflowClient().set_experiment_tag(found.experiment_id, key, value)
             return found.experiment_id
         # in our default store, artifacts sit beside it at the root (not in ./mlruns of whichever stage came first)
         location = (project_root() / ARTIFACTS_DIR).as_uri() if uri == default_tracking_uri() else None
-        return mlflow.create_experiment(
-            name, artifact_location=location, tags={"mlflow.note.content": EXPERIMENT_DESCRIPTION}
-        )
+        return mlflow.create_experiment(name, artifact_location=location, tags=tags)
 
 
 @contextlib.contextmanager
@@ -653,11 +663,24 @@ def run_data(run_id: str):
 
 
 def log_to_run(run_id: str, metrics: dict[str, float]) -> None:
-    """Metrics (step 0) on an existing run, e.g. a configuration's mean and std over seeds on its parent run."""
+    """A configuration's mean and std over seeds on its parent run (step 0), to SIGNIFICANT_DIGITS as the run
+    table shows them, with what tells its row apart in the Table 1 view: tags `family` (CAE, CVAE, ...) and
+    `epochs`, and its latent size as the metric `latent_dim` (MLflow sorts tags as text: 16 before 8)."""
     now = int(time.time() * 1000)
+    client = MlflowClient(tracking_uri())
     with store_errors("logging to a configuration's run"):
-        MlflowClient(tracking_uri()).log_batch(
-            run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()]
+        run = client.get_run(run_id)
+        kind, latent_dim = run.data.tags["model"], run.data.tags["latent_dim"]
+        client.log_batch(
+            run_id,
+            metrics=[
+                Metric(k, float(f"{float(v):.{SIGNIFICANT_DIGITS}g}"), now, 0)
+                for k, v in {**metrics, "latent_dim": latent_dim}.items()
+            ],
+            tags=[
+                RunTag("family", kind.upper().replace("_", "-")),
+                RunTag("epochs", run.data.params.get("train.epochs", "")),
+            ],
         )
 
 
@@ -677,11 +700,71 @@ def log_summary(experiment: str, table, markdown: str, files: list[Path], decisi
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
         )
-        mlflow.log_table(data=table.reset_index(), artifact_file="table1.json")
+        shown = table.map(lambda v: float(f"{v:.{SIGNIFICANT_DIGITS}g}") if isinstance(v, float) else v)
+        mlflow.log_table(data=shown.reset_index(), artifact_file="table1.json")
         mlflow.log_text(markdown, "table1.md")
         for path in files:
             mlflow.log_artifact(str(path), artifact_path="figures" if path.suffix == ".png" else None)
-        return run.info.run_id
+    _show_table1(
+        run.info.experiment_id,
+        run.info.run_id,
+        [c.removesuffix("_mean") for c in table.columns if c.endswith("_mean") and "_paper_" not in c],
+    )
+    print(
+        f"MLflow: Table 1 in the runs view, after `uv run mlflow ui --backend-store-uri {tracking_uri()}`: "
+        f"{runs_link(run.info.experiment_id)}"
+    )
+    return run.info.run_id
+
+
+def runs_link(exp_id: str, server: str = "http://127.0.0.1:5000") -> str:
+    """The UI page of the Table 1 view, in model-training mode whatever the browser chose before."""
+    return f"{server}/#/experiments/{exp_id}/runs?viewStateShareKey={TABLE1_VIEW}&{UI_MODE}"
+
+
+def table1_view(metrics: list[str]) -> dict:
+    """The Table 1 runs view as MLflow's UI saves one: the parent runs that aggregate summarized (they carry the
+    metric latent_dim), by latent size, with family, epochs, the DVC experiment and each metric's mean."""
+    means = [f"metrics.`{evaluation_metric(m)}_mean`" for m in metrics]
+    columns = ["tags.`family`", "metrics.`latent_dim`", "tags.`epochs`", *means, "tags.`dvc_exp_name`"]
+    return {
+        "searchFilter": "metrics.latent_dim >= 0",
+        "orderByKey": "metrics.`latent_dim`",
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "columnWidths": {"tags.`family`": 100, "metrics.`latent_dim`": 90, "tags.`epochs`": 70}
+        | {column: 8 * len(column) - 40 for column in means},  # the whole name: test/gen_accuracy_mean
+        "runsHiddenMode": "SHOW_ALL",
+        "groupBy": None,
+    }
+
+
+def _show_table1(exp_id: str, summary_run: str, metrics: list[str]) -> None:
+    """Save the Table 1 view on the experiment, and put in its description (above the run table) one-click links:
+    the summary run's Table 1 and, per latent size, CAE against CVAE in MLflow's Compare page."""
+    client = MlflowClient(tracking_uri())
+    now = int(time.time() * 1000)
+    view = {"name": "Table 1", "createdAt": now, "updatedAt": now, "state": json.dumps(table1_view(metrics))}
+    with store_errors("saving the Table 1 view"):
+        parents = client.search_runs([exp_id], "metrics.latent_dim >= 0", order_by=["attributes.start_time DESC"])
+        latest = {}  # (family, latent_dim) -> the newest parent run
+        for run in parents:
+            latest.setdefault((run.data.tags.get("family"), run.data.tags.get("latent_dim")), run.info.run_id)
+        compare = [
+            f"[CAE against CVAE at latent size {latent_dim}](#/compare-runs?runs="
+            f"{urllib.parse.quote(json.dumps([latest[('CAE', latent_dim)], run_id]))}"
+            f"&experiments={urllib.parse.quote(json.dumps([exp_id]))}&{UI_MODE})"
+            for (family, latent_dim), run_id in sorted(latest.items(), key=lambda item: int(item[0][1] or 0))
+            if family == "CVAE" and ("CAE", latent_dim) in latest
+        ]
+        links = [f"[Table 1](#/experiments/{exp_id}/runs/{summary_run}/artifactPath/table1.json?{UI_MODE})", *compare]
+        client.set_experiment_tag(exp_id, TABLE1_VIEW_TAG, json.dumps(view))
+        client.set_experiment_tag(exp_id, "mlflow.note.content", " · ".join(links) + "\n\n" + EXPERIMENT_DESCRIPTION)
 
 
 def champion(model_name: str):
