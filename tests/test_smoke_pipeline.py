@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 from conftest import REPO
@@ -18,6 +21,7 @@ def _as_root_sees_it(text: str) -> dict:
 
 def test_smoke_stages_match_the_main_pipelines():
     smoke, main = _as_root_sees_it((SMOKE / "dvc.yaml").read_text()), yaml.safe_load((REPO / "dvc.yaml").read_text())
+    smoke.pop("artifacts"), main.pop("artifacts")  # each pipeline's own champion
     assert smoke == main, (
         "pipelines/smoke/dvc.yaml drifted from dvc.yaml; copy the root's stages into it with the "
         "code paths as ../../src/ (sed 's#- src/#- ../../src/#' dvc.yaml, then restore its header)"
@@ -61,3 +65,18 @@ def test_dvc_exp_run_set_param_rewrites_one_line_and_keeps_every_comment(path, t
     assert len(before) == len(after)
     changed = [(a, b) for a, b in zip(before, after, strict=False) if a != b]
     assert changed == [("  lr: 0.001", "  lr: 0.0003")]
+
+
+@pytest.mark.parametrize("pipeline", [REPO, SMOKE], ids=["main", "smoke"])
+def test_the_champion_artifact_is_the_models_folder_of_the_champion_that_aggregate_named(pipeline):
+    """dvc.yaml's model-registry entry (`dvc artifacts get . champion`) is the champion configuration's models
+    folder. aggregate picks the champion on every run and writes results/champion.json; when it names another
+    configuration, the entry is moved by hand and committed with the results."""
+    artifact = yaml.safe_load((pipeline / "dvc.yaml").read_text())["artifacts"]["champion"]
+    named = pipeline / "results" / "champion.json"
+    folder = str(Path(json.loads(named.read_text())["model"]).parent)
+    assert artifact["type"] == "model"
+    assert artifact["path"] == folder, (
+        f"{named.relative_to(REPO)} names a model in {folder}: make it artifacts.champion.path in "
+        f"{(pipeline / 'dvc.yaml').relative_to(REPO)}"
+    )
