@@ -675,7 +675,7 @@ def log_to_run(run_id: str, metrics: dict[str, float]) -> None:
             run_id,
             metrics=[
                 Metric(k, float(f"{float(v):.{SIGNIFICANT_DIGITS}g}"), now, 0)
-                for k, v in {**metrics, "latent_dim": latent_dim}.items()
+                for k, v in {**metrics, "latent_dim": float(latent_dim)}.items()
             ],
             tags=[
                 RunTag("family", kind.upper().replace("_", "-")),
@@ -752,7 +752,7 @@ def _show_table1(exp_id: str, summary_run: str, metrics: list[str]) -> None:
     view = {"name": "Table 1", "createdAt": now, "updatedAt": now, "state": json.dumps(table1_view(metrics))}
     with store_errors("saving the Table 1 view"):
         parents = client.search_runs([exp_id], "metrics.latent_dim >= 0", order_by=["attributes.start_time DESC"])
-        latest = {}  # (family, latent_dim) -> the newest parent run
+        latest: dict[tuple[str | None, str | None], str] = {}  # (family, latent_dim) -> the newest parent run
         for run in parents:
             latest.setdefault((run.data.tags.get("family"), run.data.tags.get("latent_dim")), run.info.run_id)
         compare = [
