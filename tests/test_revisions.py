@@ -10,6 +10,8 @@ from conftest import GIT_IDENTITY, command_env
 
 from digitgen.cli import main
 
+pytestmark = pytest.mark.slow  # every test here starts git (a repository of two commits and an experiment ref)
+
 HEADER = "Model,gen_accuracy_mean,gen_accuracy_std,fid_mean,fid_std,fid_paper_mean,fid_paper_std\n"
 BEFORE = HEADER + "CAE (16),1,0,857.57,14.6,426.09,3.56\nCVAE (16),0.7763,0.019,966.45,30.8,417.84,6.23\n"
 AFTER = HEADER + "CAE (16),1,0,857.57,14.6,426.09,3.56\nCVAE (16),0.8,0.02,900.1,30.8,417.84,6.23\n"
