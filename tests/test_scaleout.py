@@ -91,7 +91,9 @@ def test_sigterm_to_a_trainer_with_seed_workers_keeps_their_checkpoints_marks_ru
 ):
     epochs = 5000  # a tiny epoch takes ~0.1 s: a worker cannot finish while a loaded machine still starts the other
     raw = params_raw(
-        train={"seeds": [0, 1], "epochs": epochs}, execution={"executor": "processes", "workers": 2, "threads": 1}
+        train={"seeds": [0, 1], "epochs": epochs},
+        execution={"executor": "processes", "workers": 2, "threads": 1},
+        limits={"epochs": epochs},  # past the default limit: raised, as a user would
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     trainer = subprocess.Popen(
