@@ -725,7 +725,8 @@ def runs_link(exp_id: str, server: str = "http://127.0.0.1:5000") -> str:
 def table1_view(metrics: list[str]) -> dict:
     """The Table 1 runs view as MLflow's UI saves one: the parent runs that aggregate summarized (they carry the
     metric latent_dim), by latent size, with family, epochs, the DVC experiment and each metric's mean."""
-    means = [f"metrics.`{evaluation_metric(m)}_mean`" for m in metrics]
+    names = [f"{evaluation_metric(m)}_mean" for m in metrics]
+    means = [f"metrics.`{name}`" for name in names]
     columns = ["tags.`family`", "metrics.`latent_dim`", "tags.`epochs`", *means, "tags.`dvc_exp_name`"]
     return {
         "searchFilter": "metrics.latent_dim >= 0",
@@ -738,7 +739,7 @@ def table1_view(metrics: list[str]) -> dict:
         "selectedColumns": columns,
         "columnOrder": columns,
         "columnWidths": {"tags.`family`": 100, "metrics.`latent_dim`": 90, "tags.`epochs`": 70}
-        | {column: 8 * len(column) - 40 for column in means},  # the whole name: test/gen_accuracy_mean
+        | {f"metrics.`{name}`": 7 * len(name) + 24 for name in names},  # the whole name: test/gen_accuracy_mean
         "runsHiddenMode": "SHOW_ALL",
         "groupBy": None,
     }
