@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 import yaml  # noqa: E402
 
-from digitgen.aggregate import load_evaluations, summarize  # noqa: E402
+from digitgen.compare import load_evaluations, summarize  # noqa: E402
 from digitgen.params import config_name  # noqa: E402
 from digitgen.regression import compare, load_thresholds  # noqa: E402
 

@@ -24,11 +24,12 @@ from digitgen.data import MIRROR_ENV
 pytestmark = pytest.mark.slow  # every test here runs dvc (repro, exp run, queued sweeps) in a copy of the repository
 
 SMOKE = "pipelines/smoke"
-# The smoke params shrunk to one study configuration (CVAE, latent 8), one seed and tiny data: every stage still
-# runs, and a stage costs little more than starting Python with torch and MLflow.
+# The smoke params shrunk to one study configuration (CVAE, latent 16: a curves file the smoke plots name), one
+# seed and tiny data: every stage still runs, and a stage costs little more than starting Python with torch and
+# MLflow.
 TINY = {
     "data": {"train_size": 1000, "val_size": 200, "test_size": 200},
-    "study": {"models": ["cvae"], "latent_dims": [8]},
+    "study": {"models": ["cvae"], "latent_dims": [16]},
     "model": {"hidden_dim": 64},
     "train": {"seeds": [0], "epochs": 1},
     "label_cvae": {
@@ -85,7 +86,8 @@ def loop(tmp_path_factory, mnist_dir) -> tuple[Path, list[str], list[str]]:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         run(root, "git", "init", "-q")
         dvc(root, "init", "-q")
-        one = dvc(root, "repro", f"{SMOKE}/dvc.yaml:evaluate@cvae-8")  # one configuration: what it pulls in
+        copy_from_repo((".dvc/plots",), root)  # the curves' template, beside the config `dvc init` wrote
+        one = dvc(root, "repro", f"{SMOKE}/dvc.yaml:evaluate@cvae-16")  # one configuration: what it pulls in
         rest = dvc(root, "repro", f"{SMOKE}/dvc.yaml")
         run(root, "git", "add", "-A")
         run(root, "git", "commit", "-qm", "smoke run")
@@ -112,13 +114,13 @@ def _clean(project: Path) -> None:
 def test_an_experiment_on_the_smoke_params_is_compared_with_old_and_new_values(project, tmp_path):
     root_params = (project / "params.yaml").read_bytes()
     done = dvc(project, "exp", "run", "-S", f"{SMOKE}/params.yaml:train.epochs=2", f"{SMOKE}/dvc.yaml")
-    assert _ran(done) == ["aggregate", "evaluate@cvae-8", "train@cvae-8"]
+    assert _ran(done) == ["aggregate", "evaluate@cvae-16", "tables", "train@cvae-16"]
     assert (project / "params.yaml").read_bytes() == root_params  # the root pipeline's params untouched
     smoke_params = (project / SMOKE / "params.yaml").read_text()
     assert "epochs: 2  # kept by dvc exp" in smoke_params  # DVC keeps the comments of the file it edits
 
     diff = json.loads(dvc(project, "metrics", "diff", "--json").stdout)
-    error = diff[f"{SMOKE}/results/metrics.json"]["cvae-8.reconstruction_error.mean"]
+    error = diff[f"{SMOKE}/results/metrics/16-cvae.json"]["reconstruction_error"]
     assert error["new"] < error["old"]  # a second epoch reconstructs better
     params_diff = json.loads(dvc(project, "params", "diff", "--json").stdout)
     assert {k: params_diff[f"{SMOKE}/params.yaml"]["train.epochs"][k] for k in ("old", "new")} == {"old": 1, "new": 2}
@@ -129,17 +131,18 @@ def test_an_experiment_on_the_smoke_params_is_compared_with_old_and_new_values(p
     assert baseline["params"][f"{SMOKE}/params.yaml"]["data"]["train"]["epochs"] == 1
 
     def reconstruction(rev):
-        return rev["metrics"][f"{SMOKE}/results/metrics.json"]["data"]["cvae-8"]["reconstruction_error"]["mean"]
+        return rev["metrics"][f"{SMOKE}/results/metrics/16-cvae.json"]["data"]["reconstruction_error"]
 
     assert (reconstruction(baseline), reconstruction(data)) == (error["old"], error["new"])
 
     header = dvc(project, "exp", "show", "--only-changed", "--csv").stdout.splitlines()[0].split(",")
     # a name both params files hold is shown with its file: pipelines/smoke/params.yaml:train.epochs
-    assert f"{SMOKE}/params.yaml:train.epochs" in header and "cvae-8.fid.mean" in header
+    assert f"{SMOKE}/params.yaml:train.epochs" in header and f"{SMOKE}/results/metrics/16-cvae.json:fid" in header
     assert not any(column.endswith("model.hidden_dim") for column in header)  # unchanged params left out
+    assert len(header) <= 20  # the changed param and the configuration's five headline metrics, readable
 
     plots = json.loads(dvc(project, "plots", "diff", "HEAD", "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
-    assert _charts(plots) == {"val_bce", "val_accuracy"}
+    assert _charts(plots) == {"validation BCE", "validation accuracy"}
     _clean(project)
 
 
@@ -161,11 +164,18 @@ def _ran(done: subprocess.CompletedProcess) -> list[str]:
 def test_the_headline_metrics_are_few_and_readable(project):
     shown = json.loads(dvc(project, "metrics", "show", "--json").stdout)[""]["data"]
     smoke = {path: file["data"] for path, file in shown.items() if path.startswith(SMOKE)}
-    assert set(smoke) == {f"{SMOKE}/results/metrics.json", f"{SMOKE}/results/classifier.json"}
-    assert smoke[f"{SMOKE}/results/metrics.json"]["cvae-8"]["fid"].keys() == {"mean", "std"}
+    headline = [f"{SMOKE}/results/metrics/{name}.json" for name in ("02-label_cvae", "08-pcvae", "16-cvae")]
+    assert set(smoke) == {*headline, f"{SMOKE}/results/classifier.json"}  # one file, one row, per configuration
+    assert list(smoke[headline[2]]) == [
+        "gen_accuracy",
+        "fid",
+        "inception_score",
+        "classification_accuracy",
+        "reconstruction_error",
+    ]
     values = [leaf for data in smoke.values() for leaf in _leaves(data)]
-    # cvae-8 and the prior CVAE (5 metrics), the label CVAE (no classification: 4), each mean and std; classifier
-    assert len(values) == 5 * 2 * 2 + 4 * 2 + 1
+    # the CVAE and the prior CVAE (5 means), the label CVAE (no classification: 4), the classifier's accuracy
+    assert len(values) == 5 * 2 + 4 + 1
 
 
 def _leaves(tree):
@@ -175,9 +185,9 @@ def _leaves(tree):
 
 def test_the_plots_overlay_cae_and_cvae_and_the_figures_stay_images(project, tmp_path):
     plots = json.loads(dvc(project, "plots", "show", "--json", "-o", str(tmp_path / "plots")).stdout)["data"]
-    assert _charts(plots) == {"val_bce", "val_accuracy"}
+    assert _charts(plots) == {"validation BCE", "validation accuracy"}
     images = [name for name, defs in plots.items() if [d["type"] for d in defs] == ["image"]]
-    assert f"{SMOKE}/results/figures/generations_cvae-8.png" in images
+    assert f"{SMOKE}/results/figures/generations_cvae-16.png" in images
 
 
 def _charts(plots: dict) -> set[str]:
@@ -201,9 +211,9 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
     assert sorted(sweep.values()) == [0.0003, 0.003]
     best = min(
         sweep,
-        key=lambda n: experiments[n]["metrics"][f"{SMOKE}/results/metrics.json"]["data"]["cvae-8"][
+        key=lambda n: experiments[n]["metrics"][f"{SMOKE}/results/metrics/16-cvae.json"]["data"][
             "reconstruction_error"
-        ]["mean"],
+        ],
     )
 
     dvc(project, "exp", "apply", best)
@@ -225,13 +235,14 @@ def test_a_queued_sweep_runs_two_at_once_and_the_best_is_kept_as_a_branch(projec
 
 def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop):
     _, one, rest = loop
-    assert one == ["classifier", "download", "evaluate@cvae-8", "split", "train@cvae-8"]
+    assert one == ["classifier", "download", "evaluate@cvae-16", "split", "train@cvae-16"]
     assert rest == [
         "aggregate",
         "evaluate_beyond@pcvae-8",
         "evaluate_label_cvae",
         "label_cvae_figures",
         "reference",
+        "tables",
         "train_beyond@pcvae-8",
         "train_label_cvae",
     ]
@@ -239,8 +250,8 @@ def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop)
 
 def test_retraining_with_nothing_changed_changes_no_hash_and_evaluation_does_not_rerun(project):
     _clean(project)
-    forced = dvc(project, "repro", "-f", "-s", f"{SMOKE}/dvc.yaml:train@cvae-8")
-    assert _ran(forced) == ["train@cvae-8"]
+    forced = dvc(project, "repro", "-f", "-s", f"{SMOKE}/dvc.yaml:train@cvae-16")
+    assert _ran(forced) == ["train@cvae-16"]
     assert run(project, "git", "status", "--porcelain").stdout.strip() == ""  # dvc.lock unchanged
     again = dvc(project, "repro", f"{SMOKE}/dvc.yaml")
     assert "Running stage" not in again.stdout

@@ -140,14 +140,16 @@ def _evaluate(args, params) -> None:
     )
 
 
+def _tables(args, params) -> None:
+    from digitgen.compare import run_tables
+
+    print(run_tables(params, args.evaluation, args.reference, args.out))
+
+
 def _aggregate(args, params) -> None:
     from digitgen.aggregate import run_aggregate
 
-    print(
-        run_aggregate(
-            params, args.evaluation, args.histories, args.models, args.data, args.reference, args.out
-        ).to_markdown()
-    )
+    run_aggregate(params, args.evaluation, args.histories, args.models, args.data, args.out)
 
 
 def _check_regression(args, params) -> int:
@@ -203,7 +205,8 @@ Pipeline stages (what `dvc repro` runs; see dvc.yaml):
   classifier           the separate CNN that judges generated digits
   reference            the metrics of real digits (floor and ceiling)
   evaluate             the study's five metrics for every seed of one configuration
-  aggregate            mean ± std over seeds, Table 1, figures, MLflow summaries, the champion
+  tables               mean ± std over seeds, Table 1, CAE against CVAE and ours against the paper, tested
+  aggregate            curves, figures, the champion, MLflow summaries
 
 Maintenance and CI:
   check-regression     the CI gate: fresh smoke metrics against the committed baseline
@@ -360,14 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(
         sub,
-        "aggregate",
-        _aggregate,
-        "stage aggregate: mean ± std over seeds, Table 1, figures, MLflow summaries, the champion",
+        "tables",
+        _tables,
+        "stage tables: mean ± std over seeds, Table 1, CAE against CVAE and ours against the paper, tested",
     )
     p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"), help="the evaluations")
-    p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
-    p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
-    p.add_argument("--data", **PREPARED)
     p.add_argument(
         "--reference",
         type=Path,
@@ -375,6 +375,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the reference stage's points, for the companion table",
     )
     p.add_argument("--out", type=Path, default=Path("results"), help="where the results go")
+
+    p = _command(sub, "aggregate", _aggregate, "stage aggregate: curves, figures, the champion, MLflow summaries")
+    p.add_argument("--evaluation", type=Path, default=Path("results/evaluation"), help="the evaluations")
+    p.add_argument("--histories", type=Path, default=Path("histories"), help="the training histories")
+    p.add_argument("--models", type=Path, default=Path("models"), help="the trained models")
+    p.add_argument("--data", **PREPARED)
+    p.add_argument(
+        "--out", type=Path, default=Path("results"), help="where the results go (the tables stage's are read there)"
+    )
 
     # Maintenance and CI
     smoke = Path("pipelines/smoke")

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from digitgen.files import write_atomic  # noqa: E402
 
@@ -76,12 +77,44 @@ def latent_scatter(points: torch.Tensor, digits: torch.Tensor, title: str = "") 
     return fig
 
 
-def save(figure: Figure, path: Path) -> Path:
-    """Write a figure as PNG (parents created, atomically) and free it."""
+def png(figure: Figure) -> bytes:
+    """A figure as PNG bytes, the figure freed: what a stage writes, with its other outputs, at the end."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=150)
     plt.close(figure)
-    return write_atomic(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def save(figure: Figure, path: Path) -> Path:
+    """Write a figure as PNG (parents created, atomically) and free it."""
+    return write_atomic(path, png(figure))
+
+
+def forest(panels: dict[str, list[tuple[str, float, float, float, bool]]], title: str, ylabel: str) -> Figure:
+    """A forest plot, one panel per title: per row (label, estimate, interval low, high, separated) a dot and its
+    interval, filled where separated, hollow where not; a line at 0, where the two sides do not differ."""
+    columns = max(1, min(4, len(panels)))
+    rows = max(1, (len(panels) + columns - 1) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.4 * rows + 0.6), squeeze=False)
+    for ax, (panel_title, points) in zip(axes.flat, panels.items(), strict=False):
+        for y, (_, estimate, low, high, separated) in enumerate(points):
+            ax.errorbar(estimate, y, xerr=[[estimate - low], [high - estimate]], fmt="none", color="C0", capsize=3)
+            ax.plot(estimate, y, "o", color="C0", markerfacecolor="C0" if separated else "white")
+        ax.axvline(0, color="grey", linewidth=0.8, linestyle="--")
+        ax.set_yticks(range(len(points)), [label for label, *_ in points])
+        ax.set_ylim(-0.5, len(points) - 0.5)
+        ax.invert_yaxis()
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.set_title(panel_title, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(5))
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
+    if not panels:
+        fig.text(0.5, 0.5, "nothing to compare", ha="center", va="center")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _loss_axes(ax, histories: dict[str, list[dict[str, float]]], title: str) -> None:

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -70,6 +71,47 @@ def write_json(data: object, path: str | Path) -> Path:
     """`data` as indented JSON (a final newline, as git likes), written atomically: every JSON output goes
     through here."""
     return write_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_together(outputs: dict[Path, bytes | str], root: Path, replace: list[Path] | None = None) -> list[Path]:
+    """Write a stage's outputs (under `root`) as one set, so that a reader never finds some new and others old.
+
+    Every file is first written and synced into a staging folder under `root` (.staging-<pid>); only when all
+    are there are they renamed into place, one after another with nothing computed between, and then the
+    files of each `replace` folder that the set does not hold are removed. An error or a kill before the
+    renames leaves every old output as it was (a staging folder left by a kill is removed by the next call);
+    only a kill within the renames, a few milliseconds, can leave the set part old, part new, and `dvc repro`
+    then finds outputs that are not its lock's and runs the stage again.
+    """
+    root = Path(root)
+    for stale in root.glob(".staging-*"):  # left by a killed call: its process is gone
+        if not stale.name.removeprefix(".staging-").isdigit() or not _alive(int(stale.name.split("-")[1])):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f".staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staged = {path: write_atomic(staging / Path(path).relative_to(root), data) for path, data in outputs.items()}
+        for path, temporary in staged.items():
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temporary, path)
+        for folder in [Path(f) for f in replace or [] if Path(f).is_dir()]:
+            for old in set(folder.iterdir()) - set(map(Path, outputs)):
+                old.unlink()
+    except OSError as err:
+        raise storage_error(err, root) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [Path(path) for path in outputs]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_torch(obj: object, path: str | Path) -> Path:

@@ -375,6 +375,20 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class CompareParams:
+    """The tables stage's tests: CAE - CVAE per latent size and metric, ours against the paper per Table 1 cell."""
+
+    confidence: float = 0.95  # the intervals' level; 1 - confidence is the tests' level after Holm's adjustment
+    power: float = 0.8  # for a difference not separable: the seeds per family that would separate it this often
+    paper_seeds: int = 3  # the seeds behind the paper's std (it does not say): an assumption of the paper test
+
+    def __post_init__(self) -> None:
+        _require(0 < self.confidence < 1, "confidence", "a number in (0, 1)", self.confidence)
+        _require(0 < self.power < 1, "power", "a number in (0, 1)", self.power)
+        _require(self.paper_seeds >= 2, "paper_seeds", "an integer of at least 2", self.paper_seeds)
+
+
+@dataclass(frozen=True)
 class LimitsParams:
     """Sizes past which a stage stops before it starts, saying what the size would cost; raising a limit in
     params.yaml is the override. No stage lists this section: a limit changes what may run, not what it computes."""
@@ -410,6 +424,7 @@ class Params:
     classifier: ClassifierParams = field(default_factory=ClassifierParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     limits: LimitsParams = field(default_factory=LimitsParams)
+    compare: CompareParams = field(default_factory=CompareParams)
 
     def __post_init__(self) -> None:
         n, limit = self.evaluate.n_generated, self.limits.n_generated

@@ -74,7 +74,7 @@ def _load_summary(path: Path, what: str) -> dict:
     if not shape_ok:
         raise DigitgenError(
             f'{what} {path} is not a metrics summary ({{configuration: {{metric: {{"mean": number, '
-            "...}}}); give the aggregate stage's metrics.json"
+            "...}}}); give the tables stage's summary.json"
         )
     return summary
 
