@@ -876,3 +876,11 @@ def test_a_ray_worker_killed_mid_training_is_retried_and_past_its_retries_its_ru
     runs = train(retries=1)  # killed again, and retried: the retry resumes the checkpoint and the same run
     assert len(killed) == 2 and runs["seed_run_ids"]["0"] == run_id and _status(run_id) == "FINISHED"
     assert [r["epoch"] for r in read_history(tmp_path / "histories" / "seed0.csv")] == list(range(1, 41))
+
+
+def test_a_champion_looked_up_in_a_failing_store_is_an_error_not_no_champion(monkeypatch):
+    """aggregate moves @champion only to a better model: a store that fails must not read as 'no champion yet'."""
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(TrackingError, match=f"^the MLflow store {uri} failed while looking up the champion"):
+        tracking.champion("digitgen")

@@ -771,10 +771,13 @@ def _show_table1(exp_id: str, summary_run: str, metrics: list[str]) -> None:
 def champion(model_name: str):
     """The model version `champion` points at, or None."""
     mlflow.set_tracking_uri(tracking_uri())
-    try:
-        return MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
-    except MlflowException:  # no such model or alias yet
-        return None
+    with store_errors("looking up the champion"):  # a store that fails is not "no champion yet"
+        try:
+            return MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+            return None  # no such model or alias yet
 
 
 def register_version(run_id: str, model_name: str, model_description: str, description: str, tags: dict[str, str]):
