@@ -125,7 +125,9 @@ def test_the_numbers_the_docs_state_are_the_results_files():
     summary = load("summary.json")
     n_generated = yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["n_generated"]
     distinct = {round(v["distinct_fraction"]["mean"] * n_generated) for k, v in summary.items() if k.startswith("cae-")}
+    environment = load("environment.json")
     stated = {
+        "speed.md": [f"the {environment['cpu_count']}-core {environment['cpu']} CPU machine of `results/environment"],
         "results.md": [
             f"held-out real data gives FID {reference['fid']:.2f} and IS {reference['inception_score']:.2f}",
             f"a CNN with {100 * accuracy:.2f} % test accuracy",
