@@ -22,6 +22,7 @@ def dvc(*args: str) -> str:
     ).stdout
 
 
+@pytest.mark.slow  # runs dvc
 def test_metrics_show_prints_one_row_per_configuration_within_200_columns():
     shown = dvc("metrics", "show").splitlines()
     main = [line for line in shown if line.startswith("results/")]
@@ -54,6 +55,7 @@ def test_the_curves_charts_name_exactly_the_files_aggregate_writes_for_the_pipel
     assert [set(chart["y"]) for chart in charts] == [expected, expected]
 
 
+@pytest.mark.slow  # runs dvc
 def test_plots_show_draws_every_plot_of_both_pipelines_without_a_warning(tmp_path):
     shown = json.loads(dvc("plots", "show", "--json", "-o", str(tmp_path)))
     assert shown.get("errors", []) == []
