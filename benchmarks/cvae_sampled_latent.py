@@ -4,7 +4,8 @@ metrics) and with z sampled once per test image (z = mu + sigma * eps), per late
     uv run python benchmarks/cvae_sampled_latent.py [--models models] [--data data/prepared]
 
 Reads the trained models of `dvc repro` (models/cvae-<d>/seed<k>.pt). The question it answers: does the
-study evaluate its CVAE with a sampled latent? (README, "Where we differ from the paper".)
+study evaluate its CVAE with a sampled latent? (docs/results.md, "Where we agree with the paper and where we
+differ".)
 """
 
 from __future__ import annotations
