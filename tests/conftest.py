@@ -128,8 +128,7 @@ def params_raw(**sections) -> dict:
             "device": "cpu",
             "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
         },
-        "beyond": {
-            "models": ["pcvae"],
+        "pcvae": {
             "latent_dims": [4],
             "hidden_dim": 32,
             "channels": [4, 8],

@@ -15,7 +15,7 @@ from scipy import stats
 
 from digitgen import compare, files
 from digitgen.compare import (
-    BEYOND_BLOCK,
+    PCVAE_BLOCK,
     REFERENCE_POINTS,
     TABLE_COLUMNS,
     best_configs,
@@ -33,7 +33,7 @@ from digitgen.compare import (
     study_configurations,
     summarize,
     welch,
-    with_beyond_block,
+    with_pcvae_block,
 )
 from digitgen.params import CompareParams, DigitgenError, load_params
 
@@ -179,7 +179,7 @@ def test_every_comparison_is_holm_adjusted_over_the_table():
     cae = {"fid": [770.0, 760.0, 780.0], "gen_accuracy": [1.0, 1.0, 1.0], "kid": [1.0, 2.0, 3.0]}
     cvae = {"fid": [750.0, 745.0, 755.0], "gen_accuracy": [0.98, 0.99, 0.985], "kid": [1.5, 2.5, 3.0]}
     frame = family_comparison(_families(cae, cvae), PARAMS)
-    assert list(frame["metric"]) == ["gen_accuracy", "fid", "kid"]  # Table 1's order, then beyond it
+    assert list(frame["metric"]) == ["gen_accuracy", "fid", "kid"]  # Table 1's order, then the extra metrics
     assert frame["p_holm"].tolist() == pytest.approx(holm(frame["p"].tolist()))
     not_separable = frame[frame["verdict"].str.startswith("not separable")]
     assert not_separable["seeds_needed"].notna().all() and (not_separable["seeds_needed"] >= 2).all()
@@ -253,16 +253,16 @@ def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
         load_evaluations(tmp_path, ["cae-8", "cvae-8"])
 
 
-def test_rows_follow_the_studys_order_then_the_label_cvae_then_beyond_the_study():
+def test_rows_follow_the_studys_order_then_the_label_cvae_then_the_pcvae():
     params = make_params(
         study={"models": ["cae", "cvae"], "latent_dims": [8, 16]},
         label_cvae={"latent_dim": 2},
-        beyond={"latent_dims": [16, 32]},
+        pcvae={"latent_dims": [16, 32]},
     )
     assert study_configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16"]
     assert configurations(params) == ["cae-8", "cvae-8", "cae-16", "cvae-16", "label_cvae-2", "pcvae-16", "pcvae-32"]
-    shown = with_beyond_block(display_table(summarize({**SEEDS, "pcvae-16": SEEDS["cvae-8"]}), {}), ["PCVAE (16)"])
-    assert list(shown.index) == ["CAE (8)", "CVAE (8)", BEYOND_BLOCK, "PCVAE (16)"]
+    shown = with_pcvae_block(display_table(summarize({**SEEDS, "pcvae-16": SEEDS["cvae-8"]}), {}), ["PCVAE (16)"])
+    assert list(shown.index) == ["CAE (8)", "CVAE (8)", PCVAE_BLOCK, "PCVAE (16)"]
 
 
 def test_a_metric_a_model_cannot_have_is_na_and_never_best():
@@ -299,7 +299,7 @@ def _inputs(root, seeds=SEEDS):
     params = make_params(
         study={"models": ["cae", "cvae"], "latent_dims": [8]},
         label_cvae={"latent_dim": 2},
-        beyond={"latent_dims": [16]},
+        pcvae={"latent_dims": [16]},
     )
     for config in configurations(params):
         runs = seeds.get(config, SEEDS["cae-8"])

@@ -37,7 +37,7 @@ TINY = {
         "train": {"seeds": [0], "epochs": 1},
         "figures": {"plane_size": 3, "samples_per_digit": 2},
     },
-    "beyond": {"hidden_dim": 64, "channels": [4, 8], "train": {"seeds": [0], "epochs": 1}},
+    "pcvae": {"hidden_dim": 64, "channels": [4, 8], "train": {"seeds": [0], "epochs": 1}},
     "classifier": {"epochs": 1, "channels": [4, 8], "feature_dim": 16, "min_test_accuracy": 0.0},
     "evaluate": {"n_generated": 100, "is_splits": 2, "batch_size": 100, "grid_columns": 2},
 }
@@ -238,13 +238,13 @@ def test_reproducing_one_configuration_runs_what_it_needs_and_nothing_else(loop)
     assert one == ["classifier", "download", "evaluate@cvae-16", "split", "train@cvae-16"]
     assert rest == [
         "aggregate",
-        "evaluate_beyond@pcvae-8",
         "evaluate_label_cvae",
+        "evaluate_pcvae@8",
         "label_cvae_figures",
         "reference",
         "tables",
-        "train_beyond@pcvae-8",
         "train_label_cvae",
+        "train_pcvae@8",
     ]
 
 

@@ -687,7 +687,7 @@ def test_a_float_written_as_yaml_1_2_does_is_read_as_dvc_reads_it(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_raw()).replace("lr: 0.001", "lr: 1e-3"))
     assert "lr: 1e-3" in (tmp_path / "params.yaml").read_text()  # PyYAML alone reads the string '1e-3'
     params = load_params(tmp_path / "params.yaml")
-    assert params.train.lr == 0.001 and params.beyond.train.lr == 0.001 and params.train.epochs == 2
+    assert params.train.lr == 0.001 and params.pcvae.train.lr == 0.001 and params.train.epochs == 2
 
 
 def test_a_latent_size_that_is_not_a_number_names_params_yaml(prepared_dir, tmp_path, monkeypatch, capsys):

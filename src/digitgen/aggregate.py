@@ -30,11 +30,11 @@ import torch
 from digitgen import figures, tracking
 from digitgen.compare import (
     TABLE_COLUMNS,
-    beyond_configurations,
     configurations,
     display_name,
     load_evaluations,
     numeric_table,
+    pcvae_configurations,
     study_configurations,
     summarize,
 )
@@ -42,11 +42,11 @@ from digitgen.data import load_split
 from digitgen.evaluate import METRICS
 from digitgen.files import write_together
 from digitgen.models import load_model
-from digitgen.params import BEYOND_KINDS, LABEL_CVAE, Params, ParamsError
+from digitgen.params import LABEL_CVAE, PCVAE, Params, ParamsError
 from digitgen.train import TIMINGS, absent_columns, read_history
 
 # the study's Figures 3-6 show CVAE (left) and CAE (right) side by side; the label CVAE's curves stand alone
-LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE, *BEYOND_KINDS]
+LOSS_PANEL_ORDER = ["cvae", "cae", LABEL_CVAE, PCVAE]
 
 
 def champion_seed(summary, evaluations, candidates: list[str], metric: str) -> tuple[str, str]:
@@ -281,10 +281,10 @@ def run_aggregate(
         test.labels,
         params.train.seeds[0],
     )
-    # the champion serves every condition, so it is chosen among the joint models: the study's and those beyond it
+    # the champion serves every condition, so it is chosen among the joint models: the study's and the prior CVAE
     metric = params.registry.champion_metric
     config, seed = champion_seed(
-        summary, evaluations, study_configurations(params) + beyond_configurations(params), metric
+        summary, evaluations, study_configurations(params) + pcvae_configurations(params), metric
     )
     model_file = Path(models_dir) / config / f"seed{seed}.pt"
     champion = {

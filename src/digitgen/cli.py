@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from digitgen.params import (
-    BEYOND_KINDS,
     LABEL_CVAE,
     MODEL_KINDS,
+    PCVAE,
     DigitgenError,
     ParamsError,
     config_name,
@@ -46,7 +46,7 @@ def _train(args, params) -> None:
     train_params = {
         "train": params.train,
         "label_cvae.train": params.label_cvae.train,
-        "beyond.train": params.beyond.train,
+        "pcvae.train": params.pcvae.train,
     }[section]
     if args.seeds is not None:
         override(train_params, section, "--seeds", seeds=args.seeds)
@@ -172,17 +172,17 @@ def _compare(args, params) -> None:
 
 def _check_configuration(args, params) -> None:
     """--latent-dim under the rule params.yaml's latent sizes follow (study.latent_dims, label_cvae.latent_dim,
-    beyond.latent_dims)."""
+    pcvae.latent_dims)."""
     if isinstance(args.latent_dim, str):
-        key = {LABEL_CVAE: "label_cvae.latent_dim", **{k: "beyond.latent_dims" for k in BEYOND_KINDS}}
+        key = {LABEL_CVAE: "label_cvae.latent_dim", PCVAE: "pcvae.latent_dims"}
         raise ParamsError(
             f"--latent-dim {args.latent_dim}: expected an integer, a latent size of "
             f"{key.get(args.model, 'study.latent_dims')} in params.yaml"
         )
     if args.model == LABEL_CVAE:
         override(params.label_cvae, "label_cvae", "--latent-dim", latent_dim=args.latent_dim)
-    elif args.model in BEYOND_KINDS:
-        override(params.beyond, "beyond", "--latent-dim", latent_dims=[args.latent_dim])
+    elif args.model == PCVAE:
+        override(params.pcvae, "pcvae", "--latent-dim", latent_dims=[args.latent_dim])
     else:
         override(params.study, "study", "--latent-dim", latent_dims=[args.latent_dim])
 
@@ -256,13 +256,12 @@ def _integer_or_text(value: str) -> int | str:
 
 def _config_arguments(p: argparse.ArgumentParser) -> None:
     """The configuration a stage works on: model kind and latent size (models/<model>-<latent_dim>)."""
-    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE, *BEYOND_KINDS], help="the model kind")
+    p.add_argument("--model", required=True, choices=[*MODEL_KINDS, LABEL_CVAE, PCVAE], help="the model kind")
     p.add_argument(
         "--latent-dim",
         type=_integer_or_text,
         required=True,
-        help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; "
-        "beyond the study: beyond.latent_dims)",
+        help="the latent size: one of study.latent_dims (label_cvae: label_cvae.latent_dim; pcvae: pcvae.latent_dims)",
     )
 
 

@@ -40,7 +40,7 @@ from scipy import stats
 from digitgen import figures
 from digitgen.evaluate import METRICS
 from digitgen.files import write_together
-from digitgen.params import LABEL_CVAE, MODEL_KINDS, DigitgenError, Params, config_name
+from digitgen.params import LABEL_CVAE, MODEL_KINDS, PCVAE, DigitgenError, Params, config_name
 
 # Table 1's five columns, in the study's order and words
 TABLE_COLUMNS = {
@@ -50,9 +50,9 @@ TABLE_COLUMNS = {
     "classification_accuracy": "Classification Accuracy",
     "reconstruction_error": "Reconstruction Error",
 }
-# beyond Table 1: the metrics CAE and CVAE are also compared on, where both families have them (not `loss`: the
+# past Table 1's five: the metrics CAE and CVAE are also compared on, where both families have them (not `loss`: the
 # CVAE's holds its KL term; not the ten fid_digit<d>, which fid_per_digit averages)
-BEYOND_TABLE_METRICS = {
+EXTRA_METRICS = {
     "fid_per_digit": "FID per digit (mean)",
     "kid": "KID",
     "precision": "Precision",
@@ -60,7 +60,7 @@ BEYOND_TABLE_METRICS = {
     "distinct_fraction": "Distinct fraction",
     "reconstruction_error_image_only": "Reconstruction Error (image only)",
 }
-BEYOND_BLOCK = "*beyond the study*"  # the heading row of Table 1's block of models beyond the study
+PCVAE_BLOCK = "*beyond the study*"  # the heading row of Table 1's block of prior CVAE (pcvae) rows
 
 # Table 1's companion: how far generated images sit from real ones, beside the reference points
 FIDELITY_COLUMNS = {
@@ -93,17 +93,17 @@ def study_configurations(params: Params) -> list[str]:
     return [config_name(kind, d) for d in params.study.latent_dims for kind in params.study.models]
 
 
-def beyond_configurations(params: Params) -> list[str]:
-    """The rows beyond the study, by latent size: PCVAE (16), PCVAE (32)."""
-    return [config_name(kind, d) for d in params.beyond.latent_dims for kind in params.beyond.models]
+def pcvae_configurations(params: Params) -> list[str]:
+    """The prior CVAE's rows, beyond the study, by latent size: PCVAE (16), PCVAE (32)."""
+    return [config_name(PCVAE, d) for d in params.pcvae.latent_dims]
 
 
 def configurations(params: Params) -> list[str]:
-    """The study's rows, the label-conditioned CVAE's as an extra row, then the models beyond the study."""
+    """The study's rows, the label-conditioned CVAE's as an extra row, then the prior CVAE's."""
     return (
         study_configurations(params)
         + [config_name(LABEL_CVAE, params.label_cvae.latent_dim)]
-        + beyond_configurations(params)
+        + pcvae_configurations(params)
     )
 
 
@@ -226,7 +226,7 @@ def _seeds(a: dict, b: dict) -> str:
 
 
 def family_comparison(summary: Summary, params: Params) -> pd.DataFrame:
-    """CAE - CVAE per latent size and metric (Table 1's five, then those beyond it where both families have them):
+    """CAE - CVAE per latent size and metric (Table 1's five, then the extra ones where both families have them):
     difference, interval, p, Holm's p over every row, a verdict, and for a difference not separable the seeds
     per family that would separate it at `compare.power` (at Bonferroni's level alpha / m, Holm's strictest)."""
     first, second = MODEL_KINDS
@@ -235,7 +235,7 @@ def family_comparison(summary: Summary, params: Params) -> pd.DataFrame:
     both = set(MODEL_KINDS) <= set(params.study.models)  # a study of one family has nothing to compare
     for latent_dim in params.study.latent_dims if both else []:
         a, b = summary[config_name(first, latent_dim)], summary[config_name(second, latent_dim)]
-        for metric in [m for m in (*TABLE_COLUMNS, *BEYOND_TABLE_METRICS) if m in a and m in b]:
+        for metric in [m for m in (*TABLE_COLUMNS, *EXTRA_METRICS) if m in a and m in b]:
             test = welch(a[metric], b[metric], params.compare.confidence, (first.upper(), second.upper()))
             rows.append(
                 {"latent_dim": latent_dim, "metric": metric, **asdict(test), "seeds": _seeds(a[metric], b[metric])}
@@ -352,11 +352,11 @@ def numeric_table(summary: Summary) -> pd.DataFrame:
     return frame
 
 
-def with_beyond_block(frame: pd.DataFrame, beyond_rows: list[str]) -> pd.DataFrame:
-    """Table 1 for reading: a heading row above the models beyond the study."""
-    study = frame.drop(index=beyond_rows)
-    heading = pd.DataFrame({column: [""] for column in frame.columns}, index=[BEYOND_BLOCK])
-    return pd.concat([study, heading, frame.loc[beyond_rows]]).rename_axis(frame.index.name)
+def with_pcvae_block(frame: pd.DataFrame, pcvae_rows: list[str]) -> pd.DataFrame:
+    """Table 1 for reading: a heading row, beyond the study, above the prior CVAE's rows."""
+    study = frame.drop(index=pcvae_rows)
+    heading = pd.DataFrame({column: [""] for column in frame.columns}, index=[PCVAE_BLOCK])
+    return pd.concat([study, heading, frame.loc[pcvae_rows]]).rename_axis(frame.index.name)
 
 
 def fidelity_table(summary: Summary, points: dict[str, dict[str, float]]) -> pd.DataFrame:
@@ -407,12 +407,12 @@ def table_markdown(frame: pd.DataFrame, evaluations: dict, params: Params) -> st
     level = round(100 * (1 - params.compare.confidence), 2)
     return (
         f"Table 1: ours as mean ± std over seeds ({_seed_list(evaluations, study_configurations(params))}; beyond "
-        f"the study: {_seed_list(evaluations, beyond_configurations(params))}), the paper's mean in brackets; best of "
+        f"the study: {_seed_list(evaluations, pcvae_configurations(params))}), the paper's mean in brackets; best of "
         f"each column in bold (ties at the shown precision share it); † marks a difference from the paper at the "
         f"{level:g}% level after Holm's adjustment over the table's cells (Welch's "
         f"t, the paper's std taken from {params.compare.paper_seeds} seeds: results/comparison.md). The paper's std "
         "and ours - paper are in results/table.csv.\n\n"
-        + markdown(with_beyond_block(frame, [display_name(c) for c in beyond_configurations(params)]))
+        + markdown(with_pcvae_block(frame, [display_name(c) for c in pcvae_configurations(params)]))
     )
 
 
@@ -436,7 +436,7 @@ def comparison_markdown(families: pd.DataFrame, paper: pd.DataFrame, params: Par
     compare = params.compare
     level, percent = 1 - compare.confidence, f"{100 * compare.confidence:g}%"
     first, second = (k.upper() for k in MODEL_KINDS)
-    names = {**TABLE_COLUMNS, **BEYOND_TABLE_METRICS}
+    names = {**TABLE_COLUMNS, **EXTRA_METRICS}
     family_rows = pd.DataFrame(
         {
             "Metric": families["metric"].map(names),
@@ -506,7 +506,7 @@ def comparison_csv(families: pd.DataFrame, paper: pd.DataFrame) -> str:
 def forest_plot(families: pd.DataFrame, params: Params) -> bytes:
     """One panel per metric: CAE - CVAE and its interval per latent size, filled where separable."""
     first, second = (k.upper() for k in MODEL_KINDS)
-    names = {**TABLE_COLUMNS, **BEYOND_TABLE_METRICS}
+    names = {**TABLE_COLUMNS, **EXTRA_METRICS}
     panels = {
         f"{names[metric]}\n({rows['direction'].iloc[0]} is better)": [
             (str(r.latent_dim), r.difference, r.low, r.high, r.p_holm < 1 - params.compare.confidence)

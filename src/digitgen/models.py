@@ -20,7 +20,7 @@ sides see the one-hot label, so the latent is left to carry the handwriting styl
     [image (784), digit (10)] -> FC 512 -> ReLU -> FC 256 -> ReLU -> mu, log sigma^2 (latent_dim 2)
     [z, digit (10)]           -> FC 256 -> ReLU -> FC 512 -> ReLU -> FC 784 -> sigmoid (image)
 
-The prior CVAE (kind `pcvae`, "beyond the study") keeps the three input modes and both outputs, but
+The prior CVAE (`pcvae`), beyond the study, keeps the three input modes and both outputs, but
 its decoder also sees the digit, its latent has a per-digit prior p(z|y) = N(mu_y, sigma_y^2), learned
 in training and saved with the weights, that generation draws from, its label term is weighted (MVAE),
 its KL term is warmed up, and its image pathways may be convolutional:

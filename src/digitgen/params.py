@@ -21,7 +21,7 @@ MNIST_TRAIN_SIZE = 60_000  # images in the original MNIST training file
 MNIST_TEST_SIZE = 10_000
 MODEL_KINDS = ("cae", "cvae")  # the study's two joint models
 LABEL_CVAE = "label_cvae"  # the label-conditioned CVAE, trained beside the study's grid with its own params
-BEYOND_KINDS = ("pcvae",)  # beyond the study: the joint CVAE with a learned per-digit prior (params: beyond)
+PCVAE = "pcvae"  # the prior CVAE (pcvae), beyond the study: a joint CVAE with a learned per-digit prior
 INPUT_MODES = ("image_digit", "image", "digit")  # what the model is given for a batch
 # What trains the seeds of a configuration: local, one after another in the stage's process; processes,
 # `workers` at once in child processes on this machine; ray, one Ray task per seed on a Ray cluster
@@ -302,10 +302,10 @@ class LabelCVAEParams:
 
 
 @dataclass(frozen=True)
-class BeyondParams:
-    """Beyond the study: the prior CVAE's grid, architecture, loss weights and training (same keys as `train`)."""
+class PCVAEParams:
+    """The prior CVAE (pcvae), beyond the study: its latent sizes, architecture, loss weights and training (same
+    keys as `train`)."""
 
-    models: list[str] = field(default_factory=lambda: list(BEYOND_KINDS))
     latent_dims: list[int] = field(default_factory=lambda: [16, 32])
     hidden_dim: int = 512
     channels: list[int] = field(default_factory=lambda: [16, 32])  # conv widths; [] = fully connected
@@ -316,12 +316,6 @@ class BeyondParams:
     train: TrainParams = field(default_factory=TrainParams)
 
     def __post_init__(self) -> None:
-        _require(
-            len(self.models) > 0 and all(kind in BEYOND_KINDS for kind in self.models),
-            "models",
-            f"a non-empty list of {', '.join(BEYOND_KINDS)}",
-            self.models,
-        )
         _require(
             bool(self.latent_dims) and all(d > 0 for d in self.latent_dims),
             "latent_dims",
@@ -343,7 +337,7 @@ class BeyondParams:
 
 def train_section(kind: str) -> str:
     """The params.yaml section that trains `kind`."""
-    return {LABEL_CVAE: "label_cvae.train", **{k: "beyond.train" for k in BEYOND_KINDS}}.get(kind, "train")
+    return {LABEL_CVAE: "label_cvae.train", PCVAE: "pcvae.train"}.get(kind, "train")
 
 
 @dataclass(frozen=True)
@@ -418,7 +412,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     execution: ExecutionParams = field(default_factory=ExecutionParams)
     label_cvae: LabelCVAEParams = field(default_factory=LabelCVAEParams)
-    beyond: BeyondParams = field(default_factory=BeyondParams)
+    pcvae: PCVAEParams = field(default_factory=PCVAEParams)
     tracking: TrackingParams = field(default_factory=TrackingParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     classifier: ClassifierParams = field(default_factory=ClassifierParams)

@@ -130,7 +130,7 @@ def headline(verdicts: list[Verdict]) -> str:
             f"{v.configuration} {v.metric} ({v.verdict})" for v in failed
         )
     return f"no regression: {len(verdicts)} checks passed" + (
-        f", {len(improved)} improved beyond tolerance (refresh the baseline to keep the gain)" if improved else ""
+        f", {len(improved)} improved past tolerance (refresh the baseline to keep the gain)" if improved else ""
     )
 
 

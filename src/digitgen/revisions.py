@@ -83,7 +83,7 @@ def _latent(row: str) -> tuple[str, int]:
 
 def comparison(revisions: list[str], tables: list[pd.DataFrame]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """CAE against CVAE: a row per latent size and metric, a column per family and revision; and the other models
-    (label CVAE, beyond the study): a row per model and metric, a column per revision. The first revision is the
+    (the label CVAE, the prior CVAE): a row per model and metric, a column per revision. The first revision is the
     base the others are marked against."""
     metrics = table1_metrics(tables[0])
     rows = sorted({row for table in tables for row in table.index}, key=lambda r: (_latent(r)[1], r))

@@ -42,9 +42,9 @@ from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
 from digitgen.params import (
-    BEYOND_KINDS,
     INPUT_MODES,
     LABEL_CVAE,
+    PCVAE,
     DigitgenError,
     ExecutionParams,
     LimitsParams,
@@ -236,22 +236,22 @@ def read_history(path: Path) -> list[dict[str, float]]:
 
 def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig, TrainParams]:
     """What `kind` is built and trained with: the study's `model` and `train` sections, or `label_cvae`'s or
-    `beyond`'s own."""
+    `pcvae`'s own."""
     if kind == LABEL_CVAE:
         return ModelConfig(kind, latent_dim, hidden_dims=tuple(params.label_cvae.hidden_dims)), params.label_cvae.train
-    if kind in BEYOND_KINDS:
-        beyond = params.beyond
-        batches_per_epoch = math.ceil(params.data.train_size / beyond.train.batch_size)
+    if kind == PCVAE:
+        pcvae = params.pcvae
+        batches_per_epoch = math.ceil(params.data.train_size / pcvae.train.batch_size)
         return ModelConfig(
             kind,
             latent_dim,
-            hidden_dim=beyond.hidden_dim,
-            channels=tuple(beyond.channels),
-            label_weight=beyond.label_weight,
-            prior_rate=beyond.prior_rate,
-            prior_temperature=beyond.prior_temperature,
-            kl_warmup_batches=round(beyond.kl_warmup_epochs * batches_per_epoch),
-        ), beyond.train
+            hidden_dim=pcvae.hidden_dim,
+            channels=tuple(pcvae.channels),
+            label_weight=pcvae.label_weight,
+            prior_rate=pcvae.prior_rate,
+            prior_temperature=pcvae.prior_temperature,
+            kl_warmup_batches=round(pcvae.kl_warmup_epochs * batches_per_epoch),
+        ), pcvae.train
     return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
 
 

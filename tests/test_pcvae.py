@@ -1,4 +1,4 @@
-"""Beyond the study: the prior CVAE (learned per-digit prior, weighted label term, KL warm-up)."""
+"""The prior CVAE (pcvae), beyond the study: learned per-digit prior, weighted label term, KL warm-up."""
 
 from __future__ import annotations
 
@@ -98,8 +98,8 @@ def test_a_saved_model_keeps_its_prior_and_warm_up(tmp_path, batch):
     assert torch.equal(loaded.generate(digits, noise), model.eval().generate(digits, noise))
 
 
-def test_the_beyond_section_builds_the_model_and_its_warm_up_in_batches():
-    params = make_params(beyond={"kl_warmup_epochs": 2, "prior_temperature": 0.7})  # 1000 images, 16 batches an epoch
+def test_the_pcvae_section_builds_the_model_and_its_warm_up_in_batches():
+    params = make_params(pcvae={"kl_warmup_epochs": 2, "prior_temperature": 0.7})  # 1000 images, 16 batches an epoch
     config, train = model_setup(params, "pcvae", 4)
     assert (config.channels, config.label_weight, config.kl_warmup_batches, config.prior_temperature) == (
         (4, 8),
@@ -107,14 +107,14 @@ def test_the_beyond_section_builds_the_model_and_its_warm_up_in_batches():
         32,
         0.7,
     )
-    assert train is params.beyond.train
+    assert train is params.pcvae.train
 
 
 def test_three_conv_blocks_and_a_temperature_above_one_are_refused_in_one_line():
-    with pytest.raises(ParamsError, match=r"beyond.channels must be a list of at most 2"):
-        make_params(beyond={"channels": [4, 8, 16]})
-    with pytest.raises(ParamsError, match=r"beyond.prior_temperature must be in \(0, 1\], got 1.5"):
-        make_params(beyond={"prior_temperature": 1.5})
+    with pytest.raises(ParamsError, match=r"pcvae.channels must be a list of at most 2"):
+        make_params(pcvae={"channels": [4, 8, 16]})
+    with pytest.raises(ParamsError, match=r"pcvae.prior_temperature must be in \(0, 1\], got 1.5"):
+        make_params(pcvae={"prior_temperature": 1.5})
 
 
 def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_subset, tmp_path, monkeypatch):
@@ -127,7 +127,7 @@ def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_sub
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.chdir(tmp_path)
     runs = run_train(
-        make_params(beyond={"train": {**make_params().beyond.train.__dict__, "epochs": 1}}),
+        make_params(pcvae={"train": {**make_params().pcvae.train.__dict__, "epochs": 1}}),
         "pcvae",
         4,
         prepared,
