@@ -30,6 +30,42 @@ GIT_IDENTITY = {
     "GIT_COMMITTER_EMAIL": "test@example.com",
 }  # for the commits a test makes
 
+# every configuration's per-seed evaluations, as the evaluate stage writes them: two seeds of CAE (8) and CVAE (8)
+SEEDS = {
+    "cae-8": {
+        "0": {
+            "gen_accuracy": 0.8,
+            "fid": 30.0,
+            "inception_score": 8.0,
+            "classification_accuracy": 0.95,
+            "reconstruction_error": 90.0,
+        },
+        "1": {
+            "gen_accuracy": 0.9,
+            "fid": 34.0,
+            "inception_score": 9.0,
+            "classification_accuracy": 0.97,
+            "reconstruction_error": 80.0,
+        },
+    },
+    "cvae-8": {
+        "0": {
+            "gen_accuracy": 0.7,
+            "fid": 10.0,
+            "inception_score": 7.0,
+            "classification_accuracy": 0.93,
+            "reconstruction_error": 100.0,
+        },
+        "1": {
+            "gen_accuracy": 0.7,
+            "fid": 12.0,
+            "inception_score": 7.5,
+            "classification_accuracy": 0.94,
+            "reconstruction_error": 104.0,
+        },
+    },
+}
+
 
 def command_env(**extra: str) -> dict[str, str]:
     """The environment for a command a test starts: this one, with BIN first on PATH (a stage's `digitgen`,

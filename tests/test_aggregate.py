@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import torch
-from conftest import make_params
+from conftest import SEEDS, make_params
 from mlflow.tracking import MlflowClient
 
 from digitgen import figures
@@ -22,41 +22,6 @@ from digitgen.aggregate import (
 )
 from digitgen.compare import TABLE_COLUMNS, summarize
 from digitgen.params import ParamsError
-
-SEEDS = {
-    "cae-8": {
-        "0": {
-            "gen_accuracy": 0.8,
-            "fid": 30.0,
-            "inception_score": 8.0,
-            "classification_accuracy": 0.95,
-            "reconstruction_error": 90.0,
-        },
-        "1": {
-            "gen_accuracy": 0.9,
-            "fid": 34.0,
-            "inception_score": 9.0,
-            "classification_accuracy": 0.97,
-            "reconstruction_error": 80.0,
-        },
-    },
-    "cvae-8": {
-        "0": {
-            "gen_accuracy": 0.7,
-            "fid": 10.0,
-            "inception_score": 7.0,
-            "classification_accuracy": 0.93,
-            "reconstruction_error": 100.0,
-        },
-        "1": {
-            "gen_accuracy": 0.7,
-            "fid": 12.0,
-            "inception_score": 7.5,
-            "classification_accuracy": 0.94,
-            "reconstruction_error": 104.0,
-        },
-    },
-}
 
 
 def test_curves_are_the_like_for_like_terms_averaged_over_seeds_per_epoch(tmp_path):

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, make_params
+from conftest import REPO, SEEDS, make_params
 from scipy import stats
 
 from digitgen import compare, files
@@ -37,40 +37,6 @@ from digitgen.compare import (
 )
 from digitgen.params import CompareParams, DigitgenError, load_params
 
-SEEDS = {
-    "cae-8": {
-        "0": {
-            "gen_accuracy": 0.8,
-            "fid": 30.0,
-            "inception_score": 8.0,
-            "classification_accuracy": 0.95,
-            "reconstruction_error": 90.0,
-        },
-        "1": {
-            "gen_accuracy": 0.9,
-            "fid": 34.0,
-            "inception_score": 9.0,
-            "classification_accuracy": 0.97,
-            "reconstruction_error": 80.0,
-        },
-    },
-    "cvae-8": {
-        "0": {
-            "gen_accuracy": 0.7,
-            "fid": 10.0,
-            "inception_score": 7.0,
-            "classification_accuracy": 0.93,
-            "reconstruction_error": 100.0,
-        },
-        "1": {
-            "gen_accuracy": 0.7,
-            "fid": 12.0,
-            "inception_score": 7.5,
-            "classification_accuracy": 0.94,
-            "reconstruction_error": 104.0,
-        },
-    },
-}
 PARAMS = make_params(study={"models": ["cae", "cvae"], "latent_dims": [8]})
 
 
@@ -244,7 +210,11 @@ def test_table_csv_keeps_its_plain_number_columns():
 def test_mean_and_sample_std_over_seeds():
     summary = summarize(SEEDS)
     assert summary["cae-8"]["fid"] == {"mean": 32.0, "std": pytest.approx(2.8284271), "n": 2}
-    assert summarize({"cae-8": {"0": SEEDS["cae-8"]["0"]}})["cae-8"]["fid"] == {"mean": 30.0, "std": 0.0, "n": 1}
+    assert summarize({"cae-8": {"0": SEEDS["cae-8"]["0"]}})["cae-8"]["fid"] == {
+        "mean": 30.0,
+        "std": 0.0,
+        "n": 1,
+    }
 
 
 def test_a_missing_configuration_is_an_error_naming_it(tmp_path):
@@ -287,7 +257,14 @@ def test_the_companion_table_puts_kid_precision_recall_beside_the_reference_poin
 
 
 def test_the_headline_is_one_small_file_per_configuration_cae_and_cvae_of_a_size_together():
-    summary = summarize({**SEEDS, "cae-16": SEEDS["cae-8"], "cvae-16": SEEDS["cvae-8"], "label_cvae-2": SEEDS["cae-8"]})
+    summary = summarize(
+        {
+            **SEEDS,
+            "cae-16": SEEDS["cae-8"],
+            "cvae-16": SEEDS["cvae-8"],
+            "label_cvae-2": SEEDS["cae-8"],
+        }
+    )
     written = metrics_files(summary)
     assert sorted(written) == ["02-label_cvae.json", "08-cae.json", "08-cvae.json", "16-cae.json", "16-cvae.json"]
     assert all(set(values) == set(TABLE_COLUMNS) for values in written.values())  # means only: five columns

@@ -1,4 +1,4 @@
-"""The DVC experiment loop as the README walks it, for real, on the smoke pipeline at test size.
+"""The DVC experiment loop as docs/experiments.md walks it, for real, on the smoke pipeline at test size.
 
 A git repository in a temporary folder holds the project's dvc.yaml files, code and (shrunk) smoke params.
 One committed `dvc repro` is shared by the tests: change a param with `dvc exp run -S`, compare

@@ -20,7 +20,7 @@ import mlflow
 import pytest
 import torch
 import yaml
-from conftest import REPO, alive, command_env, params_raw
+from conftest import REPO, alive, command_env, copy_from_repo, params_raw
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -33,6 +33,8 @@ from digitgen.models import load_model, save_model
 from digitgen.params import DigitgenError, ParamsError, load_params, parse_params
 from digitgen.tracking import TrackingError
 from digitgen.train import DivergenceError, read_history, run_train
+
+PIPELINE_FILES = ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]  # what `dvc repro` needs
 
 
 def _params(**sections):
@@ -110,13 +112,7 @@ def tmpfs(tmp_path):
 def test_sigterm_to_dvc_repro_stops_the_trainer_and_a_rerun_ends_where_an_uninterrupted_run_does(
     tmp_path, prepared_dir, monkeypatch
 ):
-    root = tmp_path / "repo"
-    for name in ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(REPO / name, root / name)
+    root = copy_from_repo(PIPELINE_FILES, tmp_path / "repo")
     shutil.copytree(prepared_dir, root / "data" / "prepared")  # the split stage's output, as the fixture made it
     epochs = 60  # a tiny epoch takes ~0.1 s: enough of them that a loaded machine cannot finish before the signal
     raw = params_raw(
@@ -799,13 +795,7 @@ def _child_running(parent: int, word: str) -> int | None:
 def test_sigterm_to_dvc_repro_stops_the_evaluator_and_a_rerun_records_the_evaluation(
     tmp_path, prepared_dir, trained_models, trained_classifier
 ):
-    root = tmp_path / "repo"
-    for name in ["dvc.yaml", "pyproject.toml", "src", ".dvc/config", ".dvcignore"]:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        if (REPO / name).is_dir():
-            shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(REPO / name, root / name)
+    root = copy_from_repo(PIPELINE_FILES, tmp_path / "repo")
     shutil.copytree(prepared_dir, root / "data" / "prepared")
     (root / "models" / "cae-4").mkdir(parents=True)
     shutil.copy(trained_models["cae"].path, root / "models" / "cae-4" / "seed0.pt")

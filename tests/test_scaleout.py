@@ -132,7 +132,7 @@ def test_a_remote_ray_cluster_with_a_store_only_this_machine_reaches_is_one_line
     assert str(err.value) == (
         f"RAY_ADDRESS ray://198.51.100.7:10001 is another machine, which cannot reach the MLflow "
         f"store {mlflow_store}; set MLFLOW_TRACKING_URI to a tracking server every node can "
-        "reach (README: Scaling out)"
+        "reach (docs/scaling-out.md)"
     )
     assert not (tmp_path / "checkpoints" / "seed0.pt").exists()
 

@@ -239,7 +239,7 @@ def cpu_model() -> str:
 def environment(params: Params) -> dict:
     """The software and machine behind the results. A rerun reproduces them bit for bit with the same torch,
     CPU kernels (`cpu_capability`: torch's AVX512, AVX2, ... dispatch) and threads per training, and within the
-    seeds' spread otherwise (README: Reproducing on another machine). Written by the stage that computes the
+    seeds' spread otherwise (docs/reproducing.md). Written by the stage that computes the
     table, in the same `dvc repro` as training on a single machine; `torch_threads` is this process's, which
     the local executor trains with unless `execution.threads` says otherwise."""
     return {

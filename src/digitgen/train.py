@@ -633,7 +633,7 @@ def _train_on_ray(
         raise DigitgenError(
             f"RAY_ADDRESS {address} is another machine, which cannot reach the MLflow store "
             f"{tasks[0].tracking_uri}; set MLFLOW_TRACKING_URI to a tracking server every node "
-            "can reach (README: Scaling out)"
+            "can reach (docs/scaling-out.md)"
         )
     ray = _require_ray()
     threads = execution.threads or 1
