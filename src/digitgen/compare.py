@@ -284,6 +284,9 @@ def paper_comparison(summary: Summary, params: Params) -> pd.DataFrame:
 # ---- Table 1 ---------------------------------------------------------------------------------------------------
 
 
+PAPER_DECIMALS = 2  # the paper prints its means to two decimals: Table 1 shows them at ours' precision, no finer
+
+
 def decimals(values: list[float]) -> int:
     """Decimals Table 1 shows for a column of means: 3 for a share (every value in [0, 1]: the accuracies), else
     three significant digits of the column's median (IS 7.80, reconstruction 82.6, FID 772)."""
@@ -321,7 +324,7 @@ def display_table(summary: Summary, differs: dict[tuple[str, str], bool]) -> pd.
             cell = f"{metrics[metric]['mean']:.{d}f} ± {metrics[metric]['std']:.{d}f}"
             cell = f"**{cell}**" if config in best[metric] else cell
             if config in paper.index:
-                cell += f" ({paper.at[config, f'{metric}_mean']:.3g})" + (
+                cell += f" ({paper.at[config, f'{metric}_mean']:.{min(d, PAPER_DECIMALS)}f})" + (
                     " †" if differs.get((display_name(config), metric)) else ""
                 )
             row[label] = cell
