@@ -180,7 +180,8 @@ def test_table_one_is_one_cell_per_metric_ours_then_the_papers_mean():
     assert list(frame.columns) == list(TABLE_COLUMNS.values())
     assert frame.at["CVAE (8)", "FID"] == "**11.0 ± 1.4** (419.5)"
     assert frame.at["CAE (8)", "FID"] == "32.0 ± 2.8 (424.1) †"
-    assert frame.at["CAE (8)", "Generated Images Accuracy"] == "**0.850 ± 0.071** (0.90)"  # the paper's 0.90 as it prints it
+    # the paper's 0.90 as it prints it
+    assert frame.at["CAE (8)", "Generated Images Accuracy"] == "**0.850 ± 0.071** (0.90)"
 
 
 def test_ties_at_the_shown_precision_share_the_bold():
