@@ -113,7 +113,8 @@ def test_champion_moves_only_to_a_better_model_never_for_a_dvc_experiment_unless
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     name = f"champion-{uuid.uuid4().hex[:8]}"
     params = make_params(registry={"model_name": name})
-    client = MlflowClient()
+    # this store by name: MlflowClient() would follow mlflow.set_tracking_uri of an earlier test in this process
+    client = MlflowClient(trained_models["cae"].tracking_uri)
 
     def champion(kind, fid, params=params):
         decision = update_champion(
