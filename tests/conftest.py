@@ -152,32 +152,26 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 def params_raw(**sections) -> dict:
     """Valid params at test size, as params.yaml holds them; keyword arguments replace keys inside a section:
     train={"epochs": 1}."""
+    train = {
+        "seeds": [0],
+        "epochs": 2,
+        "batch_size": 64,
+        "lr": 0.001,
+        "device": "cpu",
+        "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
+    }
     raw = {
         "data": {"mirrors": ["unused"], "train_size": 1000, "val_size": 200, "test_size": 200, "split_seed": 0},
         "study": {"models": ["cae", "cvae"], "latent_dims": [4]},
         "model": {"hidden_dim": 32},
-        "train": {
-            "seeds": [0],
-            "epochs": 2,
-            "batch_size": 64,
-            "lr": 0.001,
-            "device": "cpu",
-            "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
-        },
+        "train": train,
         "pcvae": {
             "latent_dims": [4],
             "hidden_dim": 32,
             "channels": [4, 8],
             "label_weight": 50,
             "kl_warmup_epochs": 1,
-            "train": {
-                "seeds": [0],
-                "epochs": 2,
-                "batch_size": 64,
-                "lr": 0.001,
-                "device": "cpu",
-                "input_modes": {"image_digit": 1, "image": 1, "digit": 1},
-            },
+            "train": dict(train),  # its own copy: a keyword argument train={...} changes the study's only
         },
         "tracking": {"experiment": "digitgen-test"},
         "registry": {"model_name": "digitgen-test", "champion_metric": "fid"},

@@ -85,7 +85,7 @@ def write_together(outputs: dict[Path, bytes | str], root: Path, replace: list[P
     """
     root = Path(root)
     for stale in root.glob(".staging-*"):  # left by a killed call: its process is gone
-        if not stale.name.removeprefix(".staging-").isdigit() or not _alive(int(stale.name.split("-")[1])):
+        if not stale.name.removeprefix(".staging-").isdigit() or not process_alive(int(stale.name.split("-")[1])):
             shutil.rmtree(stale, ignore_errors=True)
     staging = root / f".staging-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -104,7 +104,8 @@ def write_together(outputs: dict[Path, bytes | str], root: Path, replace: list[P
     return [Path(path) for path in outputs]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

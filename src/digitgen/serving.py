@@ -537,7 +537,7 @@ def pyfunc_weights(uri: str):
                         uri = tracking.logged_model_uri(uri.removeprefix("runs:/").rstrip("/"))
                     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
                 except MlflowException as err:
-                    if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                    if not tracking.not_found(err):
                         raise
                     raise ModelSourceError(
                         f"{uri}: no such MLflow model in {tracking.tracking_uri()} ({str(err).splitlines()[0]}); "

@@ -293,15 +293,8 @@ def _process_tags() -> dict[str, str]:
 
 def _process_gone(run) -> bool:
     pid = int(run.data.tags["process_pid"])
-    if pid == os.getpid():  # a run of ours would not be RUNNING before we start one: the PID was reused
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, someone else's
-        return False
-    return False
+    # a run of ours would not be RUNNING before we start one: the PID was reused
+    return pid == os.getpid() or not files.process_alive(pid)
 
 
 def fail_runs(run_ids: list[str], reason: str) -> None:
@@ -768,6 +761,11 @@ def _show_table1(exp_id: str, summary_run: str, metrics: list[str]) -> None:
         client.set_experiment_tag(exp_id, "mlflow.note.content", " · ".join(links) + "\n\n" + EXPERIMENT_DESCRIPTION)
 
 
+def not_found(err: MlflowException) -> bool:
+    """Whether MLflow refused because the store holds no such model, version, alias or run (not because it failed)."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def champion(model_name: str):
     """The model version `champion` points at, or None."""
     mlflow.set_tracking_uri(tracking_uri())
@@ -775,7 +773,7 @@ def champion(model_name: str):
         try:
             return MlflowClient().get_model_version_by_alias(model_name, CHAMPION_ALIAS)
         except MlflowException as err:
-            if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            if not not_found(err):
                 raise
             return None  # no such model or alias yet
 
