@@ -254,6 +254,20 @@ def test_the_companion_table_puts_kid_precision_recall_beside_the_reference_poin
     assert list(frame.index[-len(REFERENCE_POINTS) :]) == list(REFERENCE_POINTS.values())
 
 
+def test_the_companion_table_shows_the_decoder_floor_where_it_was_measured():
+    floor = {"recon_fid": 20.0, "recon_precision": 0.9, "recon_recall": 0.5}
+    seeds = {"cvae-8": {seed: {**values, **floor} for seed, values in SEEDS["cvae-8"].items()}, "cae-8": SEEDS["cae-8"]}
+    points = {point: {**SEEDS["cae-8"]["0"], "fid": 1.5} for point in REFERENCE_POINTS}
+    frame = fidelity_table(summarize(seeds), points)
+    assert frame.loc["CVAE (8)", ["Floor FID", "Floor precision", "Floor recall"]].tolist() == [
+        "20 ± 0",
+        "0.9 ± 0",
+        "0.5 ± 0",
+    ]
+    assert frame.at["CAE (8)", "Floor FID"] == "n/a"  # an evaluation older than the metric
+    assert frame.at[REFERENCE_POINTS["held_out_real"], "Floor FID"] == "n/a"  # a reference point decodes nothing
+
+
 # ---- the headline metrics and the written set ------------------------------------------------------------------
 
 

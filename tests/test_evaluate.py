@@ -16,12 +16,14 @@ from digitgen.evaluate import (
     EvaluateError,
     ImageSet,
     Judge,
+    decoder_floor,
     evaluate_seed,
     generate,
     model_metrics,
     real_set,
     run_evaluate,
     run_reference,
+    temperature_curve,
     to_uint8,
 )
 from digitgen.models import ModelConfig, build_model, load_model
@@ -201,8 +203,9 @@ def test_evaluation_is_seeded_from_params(evaluated, trained_classifier, mnist_s
     params = make_params(evaluate={"sampler": "fitted"}).evaluate
     judge = Judge.load(trained_classifier, params, tmp_path / "cache")
     model = load_model(evaluated["root"] / "models" / "seed1.pt")
-    first, images = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"])
-    again, images_again = evaluate_seed(model, judge, mnist_subset["train"], mnist_subset["test"])
+    splits = mnist_subset["train"], mnist_subset["val"], mnist_subset["test"]
+    first, images = evaluate_seed(model, judge, *splits)
+    again, images_again = evaluate_seed(model, judge, *splits)
     assert first == again and torch.equal(images, images_again)
 
 
@@ -253,3 +256,45 @@ def test_the_loss_metric_is_the_unweighted_loss_terms_under_the_evaluation_seed(
     terms = model.loss(test.float_images(), test.labels, "image_digit")
     assert loss == pytest.approx((terms.bce + terms.nll + terms.kl).item())
     assert terms.kl > 0 and loss < terms.total.item()
+
+
+class _Redrawer(torch.nn.Module):
+    """A stand-in decoder that redraws each image exactly, or as a blank page."""
+
+    def __init__(self, blank: bool):
+        super().__init__()
+        self.blank = blank
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a parameter: where evaluation finds the device
+
+    def reconstruct(self, images, digits):
+        return (torch.zeros_like(images) if self.blank else images), None
+
+
+def test_the_decoder_floor_scores_held_out_reconstructions_as_generated_images_are_scored(judge, mnist_subset):
+    """A decoder that redraws every held-out digit exactly sits at real data's own floor (held-out against test
+    images); one that redraws blank pages sits far above it."""
+    val, test = mnist_subset["val"], mnist_subset["test"]
+    n = judge.params.n_generated
+    exact = decoder_floor(_Redrawer(blank=False), judge, val, test)
+    real = judge.fidelity(ImageSet(val.images[:n].unsqueeze(1)), real_set(test, "test"), isc=False)
+    assert exact == pytest.approx(
+        {"recon_fid": real["fid"], "recon_precision": real["precision"], "recon_recall": real["recall"]}
+    )
+    assert decoder_floor(_Redrawer(blank=True), judge, val, test)["recon_fid"] > 20 * exact["recon_fid"]
+
+
+def test_the_temperature_curve_scores_each_temperature_against_the_validation_images(judge, mnist_subset):
+    model = build_model(ModelConfig("pcvae", 4, hidden_dim=32, prior_temperature=0.8)).eval()
+    model.prior_mu.copy_(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)))
+    curve = temperature_curve(model, judge, mnist_subset["val"])
+    assert [row["temperature"] for row in curve] == judge.params.temperatures
+    assert model.config.prior_temperature == 0.8  # the model is left drawing at its own temperature
+    row = next(row for row in curve if row["temperature"] == 0.8)
+    digits = torch.arange(10).repeat_interleave(judge.params.n_generated // 10)
+    images = to_uint8(generate(model, digits, "study", mnist_subset["train"], torch.Generator().manual_seed(0)))
+    val = mnist_subset["val"]
+    on_val = judge.fidelity(ImageSet(images), real_set(val, "val"), isc=False)
+    assert row["fid"] == pytest.approx(on_val["fid"]) and row["recall"] == pytest.approx(on_val["recall"])
+    assert row["fid"] != pytest.approx(
+        judge.fidelity(ImageSet(images), real_set(mnist_subset["test"], "test"), isc=False)["fid"]
+    )

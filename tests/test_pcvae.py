@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import make_params
 
 import digitgen
-from digitgen.models import ModelConfig, build_model, gaussian_kl, kl_divergence, load_model, save_model
-from digitgen.params import INPUT_MODES, ParamsError
+from digitgen.models import (
+    LATER_FIELDS,
+    ModelConfig,
+    build_model,
+    gaussian_kl,
+    gaussian_mixture,
+    kl_divergence,
+    load_model,
+    noise_dim,
+    save_model,
+)
+from digitgen.params import INPUT_MODES, DigitgenError, ParamsError
 from digitgen.train import model_setup
 
 CONFIGS = {
@@ -115,6 +127,12 @@ def test_three_conv_blocks_and_a_temperature_above_one_are_refused_in_one_line()
         make_params(pcvae={"channels": [4, 8, 16]})
     with pytest.raises(ParamsError, match=r"pcvae.prior_temperature must be in \(0, 1\], got 1.5"):
         make_params(pcvae={"prior_temperature": 1.5})
+    with pytest.raises(ParamsError, match=r"pcvae.kl_weight must be a positive number, got 0"):
+        make_params(pcvae={"kl_weight": 0})
+    with pytest.raises(ParamsError, match=r"pcvae.prior_components must be a non-negative integer, got -1"):
+        make_params(pcvae={"prior_components": -1})
+    with pytest.raises(ParamsError, match=r"evaluate.temperatures must be a non-empty list of numbers in \(0, 1\]"):
+        make_params(evaluate={"temperatures": [0.8, 1.5]})
 
 
 def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_subset, tmp_path, monkeypatch):
@@ -142,3 +160,98 @@ def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_sub
         assert model.generate([3, 8], n=2, seed=0).shape == (4, 28, 28)
         assert model.classify(images).digits.shape == (4,)
         assert model.reconstruct(images).images.shape == (4, 28, 28)
+
+
+def test_em_recovers_a_two_component_mixture():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(600, 2, generator=gen) * 0.3 + 4, torch.randn(200, 2, generator=gen) * 0.5 - 4])
+    log_weights, means, scale_tril = gaussian_mixture(x.double(), 2, gen)
+    order = means[:, 0].argsort(descending=True)
+    assert log_weights[order].exp().tolist() == pytest.approx([0.75, 0.25], abs=0.01)
+    assert torch.allclose(means[order], torch.tensor([[4.0, 4.0], [-4.0, -4.0]]).double(), atol=0.1)
+    spread = (scale_tril @ scale_tril.mT)[order].diagonal(dim1=1, dim2=2).sqrt()
+    assert torch.allclose(spread, torch.tensor([[0.3, 0.3], [0.5, 0.5]]).double(), atol=0.05)
+
+
+def test_a_fitted_mixture_is_what_generation_draws_from_its_last_noise_column_picking_the_component(batch):
+    images, digits = batch
+    model = build_model(dataclasses.replace(CONFIGS["conv"], prior_components=2, prior_temperature=0.5)).eval()
+    with pytest.raises(DigitgenError, match="has 1 images of digit 0; lower prior_components"):
+        model.fit_mixture(images, digits, seed=0)
+    model.fit_mixture(torch.rand(40, 784), torch.arange(10).repeat(4), seed=0)
+    assert noise_dim(model) == 5
+    model.mixture_logits.zero_()  # two equally likely components
+    model.mixture_means.copy_(torch.randn(10, 2, 4))
+    noise = torch.randn(6, 5)
+    for column, component in ((-3.0, 0), (3.0, 1)):  # Phi(-3) < 1/2: the first component; Phi(3) > 1/2: the second
+        noise[:, 4] = column
+        z = model.mixture_means[digits, component] + 0.5 * (
+            model.mixture_scale_tril[digits, component] @ noise[:, :4, None]
+        ).squeeze(-1)
+        assert torch.allclose(model.generate(digits, noise), model.decode(z, digits), atol=1e-6)
+
+
+def test_training_with_mixture_components_fits_them_after_the_last_epoch_and_saves_them(
+    mnist_subset, tmp_path, monkeypatch
+):
+    from digitgen.train import run_train
+
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(prepared / f"{name}.pt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    train = {**make_params().pcvae.train.__dict__, "epochs": 1, "seeds": [0]}
+    params = make_params(pcvae={"train": train, "prior_components": 3, "kl_weight": 0.5})
+    rmtree = shutil.rmtree  # the checkpoints are kept, as if the stage stopped before its cleanup
+    monkeypatch.setattr(
+        shutil, "rmtree", lambda path, **kw: None if Path(path).name == "checkpoints" else rmtree(path, **kw)
+    )
+    run_train(params, "pcvae", 4, prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    model = load_model(tmp_path / "models" / "seed0.pt")
+    assert model.config.prior_components == 3 and model.config.kl_weight == 0.5
+    assert model.mixture_means.abs().sum() > 0 and model.mixture_logits.logsumexp(1).allclose(
+        torch.zeros(10), atol=1e-6
+    )
+    checkpoint = torch.load(tmp_path / "checkpoints" / "seed0.pt", weights_only=True)
+    assert checkpoint["done"] and torch.equal(checkpoint["model"]["mixture_means"], model.mixture_means)
+    (
+        tmp_path / "models" / "seed0.pt"
+    ).unlink()  # the rerun takes the finished seed from its checkpoint, mixture and all
+    run_train(params, "pcvae", 4, prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    assert torch.equal(load_model(tmp_path / "models" / "seed0.pt").mixture_means, model.mixture_means)
+
+
+def test_the_kl_weight_is_beta_after_the_warm_up(batch):
+    images, digits = batch
+    model = build_model(dataclasses.replace(CONFIGS["conv"], kl_weight=0.25)).train()
+    first = model.loss(images, digits, "image_digit")  # batch 1 of 10: beta 0.25 * 0.1
+    assert torch.allclose(first.total, first.bce + 50.0 * first.nll + 0.025 * first.kl)
+    for _ in range(20):
+        model.loss(images, digits, "image")
+    assert model.kl_weight() == 0.25
+
+
+def test_a_digit_head_that_sees_the_image_reads_its_features_beside_the_latent(batch):
+    images, digits = batch
+    sees, plain = (build_model(dataclasses.replace(CONFIGS["conv"], head_sees_image=s)) for s in (True, False))
+    for mode in INPUT_MODES:  # the digit alone: zeros stand in for the absent image's features
+        assert torch.isfinite(sees.loss(images, digits, mode).total)
+    for model in (sees, plain):
+        with torch.no_grad():  # a latent that carries nothing of the image
+            model.to_mu.weight.zero_()
+            model.to_mu.bias.zero_()
+    assert not torch.allclose(sees.eval().classify(images)[0], sees.classify(images)[1])
+    assert torch.allclose(plain.eval().classify(images), plain.classify(images)[:1].expand(6, -1))
+
+
+def test_a_model_that_sets_no_later_field_is_saved_as_earlier_versions_saved_it(tmp_path):
+    """So the study's model files stay byte for byte what DVC recorded, and load in earlier versions."""
+    save_model(build_model(ModelConfig("cvae", 4, hidden_dim=32)), tmp_path / "cvae.pt")
+    save_model(build_model(dataclasses.replace(CONFIGS["mlp"], prior_components=2)), tmp_path / "pcvae.pt")
+    assert not set(LATER_FIELDS) & set(torch.load(tmp_path / "cvae.pt", weights_only=True)["config"])
+    written = torch.load(tmp_path / "pcvae.pt", weights_only=True)["config"]
+    assert written["prior_components"] == 2 and "kl_weight" not in written  # only what differs from the default
+    loaded = load_model(tmp_path / "pcvae.pt")
+    assert (loaded.config.prior_components, loaded.config.kl_weight) == (2, 1.0)

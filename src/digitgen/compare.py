@@ -71,6 +71,9 @@ FIDELITY_COLUMNS = {
     "fid_per_digit": "FID per digit (mean)",
     "distinct_fraction": "Distinct fraction",
     "gen_accuracy": "Generated Images Accuracy",
+    "recon_fid": "Floor FID",  # the decoder floor: held-out digits reconstructed (image and digit), scored the same way
+    "recon_precision": "Floor precision",
+    "recon_recall": "Floor recall",
 }
 REFERENCE_POINTS = {  # results/reference.json's points, as the companion table names them
     "held_out_real": "reference: held-out real images",
@@ -378,7 +381,10 @@ def fidelity_table(summary: Summary, points: dict[str, dict[str, float]]) -> pd.
     }
     rows.update(
         {
-            name: {label: cell(m, points[point][m], None) for m, label in FIDELITY_COLUMNS.items()}
+            name: {
+                label: cell(m, points[point][m], None) if m in points[point] else "n/a"
+                for m, label in FIDELITY_COLUMNS.items()
+            }
             for point, name in REFERENCE_POINTS.items()
         }
     )
@@ -550,8 +556,10 @@ def run_tables(params: Params, eval_dir: Path, reference_path: Path, out_dir: Pa
         out_dir / "fidelity.md": (
             "Table 1's companion: generated images against the test images in the classifier's feature space, mean "
             "± std over seeds; KID is the unbiased MMD estimate (×1000), precision/recall torch-fidelity's k-NN (k = "
-            f"{params.evaluate.prc_neighborhood}); the reference points are scored the same way (one run each).\n\n"
-            + markdown(fidelity)
+            f"{params.evaluate.prc_neighborhood}); the reference points are scored the same way (one run each). "
+            "Floor: the decoder floor, the same three numbers for held-out (validation) digits reconstructed from "
+            "image and digit, which no draw from the prior can beat; n/a where not computed (evaluations older "
+            "than the metric, and the reference points, which decode nothing).\n\n" + markdown(fidelity)
         ),
         out_dir / "comparison.md": comparison_markdown(families, paper, params),
         out_dir / "comparison.csv": comparison_csv(families, paper),

@@ -56,7 +56,17 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from digitgen import classifier, figures, tracking
 from digitgen.data import Digits, load_split, md5sum
 from digitgen.files import write_json
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, reparameterize, resolve_device
+from digitgen.models import (
+    IMAGE_DIM,
+    NUM_DIGITS,
+    Model,
+    PriorCVAE,
+    UnsupportedTask,
+    load_model,
+    noise_dim,
+    reparameterize,
+    resolve_device,
+)
 from digitgen.params import DigitgenError, EvaluateParams, config_name
 
 # Every metric and which way is better: the one declaration that aggregate and the CI gate read.
@@ -75,6 +85,9 @@ METRICS = {
     "recall": "higher",
     "fid_per_digit": "lower",  # the mean of fid_digit0..fid_digit9
     **{f"fid_digit{digit}": "lower" for digit in range(NUM_DIGITS)},
+    "recon_fid": "lower",  # the decoder floor: held-out digits reconstructed, scored as generated ones
+    "recon_precision": "higher",
+    "recon_recall": "higher",
     "fid_inception": "lower",  # only where Inception weights are available
     "inception_score_inception": "higher",
     "kid_inception": "lower",
@@ -290,7 +303,7 @@ def generate(
     `fitted_latents`; prior: z ~ N(0, I)."""
     device = next(model.parameters()).device
     digits = digits.to(device)
-    noise = torch.randn(len(digits), model.config.latent_dim, generator=generator).to(device)
+    noise = torch.randn(len(digits), noise_dim(model), generator=generator).to(device)
     if sampler == "study":
         return model.generate(digits, noise)
     return model.decode(fitted_latents(model, train, digits, generator) if sampler == "fitted" else noise, digits)
@@ -322,12 +335,54 @@ def model_metrics(model: Model, test: Digits, seed: int) -> dict[str, float]:
     return metrics
 
 
+@torch.no_grad()
+def decoder_floor(model: Model, judge: Judge, held_out: Digits, test: Digits) -> dict[str, float]:
+    """recon_fid, recon_precision, recon_recall: held-out digits reconstructed from image and digit (n_generated of
+    them), scored against the test images as generated ones are. No prior draws better than its decoder redraws
+    real digits, so this is the floor under the model's FID: the rest of its FID is its prior's."""
+    device = next(model.parameters()).device
+    n = judge.params.n_generated
+    images, labels = held_out.float_images()[:n].to(device), held_out.labels[:n].to(device)
+    step = judge.params.batch_size
+    redrawn = torch.cat([model.reconstruct(images[i : i + step], labels[i : i + step])[0] for i in range(0, n, step)])
+    got = judge.fidelity(ImageSet(to_uint8(redrawn)), real_set(test, "test"), isc=False)
+    return {f"recon_{metric}": got[metric] for metric in ("fid", "precision", "recall")}
+
+
+def temperature_curve(model: PriorCVAE, judge: Judge, held_out: Digits) -> list[dict[str, float]]:
+    """Generation at each of evaluate.temperatures against the validation images, where a temperature is chosen
+    (never the test images): gen_accuracy, fid, precision, recall per temperature, noise common to all."""
+    params, trained = judge.params, model.config
+    digits = generated_digits(params)
+    real = Digits(held_out.images[: params.n_generated], held_out.labels[: params.n_generated])
+    curve = []
+    try:
+        for temperature in params.temperatures:
+            model.config = replace(trained, prior_temperature=temperature)
+            generator = torch.Generator().manual_seed(params.seed)
+            images = to_uint8(generate(model, digits, "study", held_out, generator))
+            predicted = judge.classifier.logits(images, params.batch_size).argmax(1)
+            got = judge.fidelity(ImageSet(images), real_set(real, "val"), isc=False)
+            curve.append(
+                {
+                    "temperature": temperature,
+                    "gen_accuracy": (predicted == digits).sum().item() / len(digits),
+                    **{metric: got[metric] for metric in ("fid", "precision", "recall")},
+                }
+            )
+    finally:
+        model.config = trained
+    return curve
+
+
 def generated_digits(params: EvaluateParams) -> torch.Tensor:
     """The digits a generator is asked for: 0-9, n_generated / 10 each, grouped by digit."""
     return torch.arange(NUM_DIGITS).repeat_interleave(params.n_generated // NUM_DIGITS)
 
 
-def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits) -> tuple[dict[str, float], torch.Tensor]:
+def evaluate_seed(
+    model: Model, judge: Judge, train: Digits, val: Digits, test: Digits
+) -> tuple[dict[str, float], torch.Tensor]:
     """Every metric of one trained model, and its generated images (uint8, grouped by digit)."""
     params = judge.params
     digits = generated_digits(params)
@@ -335,6 +390,7 @@ def evaluate_seed(model: Model, judge: Judge, train: Digits, test: Digits) -> tu
     images = to_uint8(generate(model, digits, params.sampler, train, generator))
     metrics = judge.generation_metrics(images, digits, test)
     metrics.update(model_metrics(model, test, params.seed))
+    metrics.update(decoder_floor(model, judge, val, test))
     return metrics, images
 
 
@@ -412,6 +468,7 @@ class ConfigEvaluation:
     models: dict[str, Path]  # {seed: model file}
     judge: Judge
     train: Digits  # for the fitted sampler
+    val: Digits  # the decoder floor's reconstructions and the temperature curve's reference
     test: Digits
     test_file: Path  # the prepared test split, logged as the evaluation's dataset
 
@@ -436,6 +493,7 @@ class ConfigEvaluation:
             models,
             judge,
             load_split(prepared_dir, "train"),
+            load_split(prepared_dir, "val"),
             test,
             Path(prepared_dir) / "test.pt",
         )
@@ -443,12 +501,14 @@ class ConfigEvaluation:
     def seeds(self) -> list[str]:
         return list(self.models)
 
-    def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor]:
+    def evaluate(self, seed: str) -> tuple[dict[str, float], torch.Tensor, list[dict[str, float]]]:
         """Score one seed's model, log metrics, settings (as params, with the device used) and samples to its
-        training run; return the metrics and its sample grid."""
+        training run; return the metrics, its sample grid and (a model drawn at a temperature) its temperature
+        curve."""
         params = self.judge.params
         model = load_model(self.models[seed]).to(self.judge.device)
-        metrics, images = evaluate_seed(model, self.judge, self.train, self.test)
+        metrics, images = evaluate_seed(model, self.judge, self.train, self.val, self.test)
+        curve = temperature_curve(model, self.judge, self.val) if isinstance(model, PriorCVAE) else []
         grid = sample_grid(images, params.grid_columns)
         settings = tracking.flatten({"evaluate": {**asdict(params), "device": str(self.judge.device)}})
         run_id = tracking.seed_run_for(self.experiment, self.name, seed, self.models[seed], settings)
@@ -456,7 +516,7 @@ class ConfigEvaluation:
         tracking.log_evaluation(
             run_id, metrics, settings, self.test_file, figures.digit_grid(grid, params.grid_columns, title)
         )
-        return metrics, grid
+        return metrics, grid, curve
 
 
 def run_evaluate(
@@ -474,11 +534,13 @@ def run_evaluate(
     evaluation = ConfigEvaluation.load(
         params, experiment, kind, latent_dim, models_dir, classifier_path, prepared_dir, cache_root
     )
-    name, seeds, grids = evaluation.name, {}, []
+    name, seeds, grids, curves = evaluation.name, {}, [], {}
     for seed in evaluation.seeds():
         started = time.perf_counter()
-        seeds[seed], grid = evaluation.evaluate(seed)
+        seeds[seed], grid, curve = evaluation.evaluate(seed)
         grids.append(grid)
+        if curve:
+            curves[seed] = curve
         print(
             f"{name} seed{seed}: "
             + ", ".join(f"{k} {v:.4g}" for k, v in seeds[seed].items())
@@ -492,6 +554,10 @@ def run_evaluate(
         "seeds": seeds,
         "skipped": evaluation.judge.skipped,
     }
+    if curves:
+        result["temperature_curve"] = curves
+        trained = load_model(evaluation.models[next(iter(curves))]).config.prior_temperature
+        figures.save(figures.temperature_curve(curves, trained, name), Path(out_dir) / f"{name}-temperature.png")
     write_json(result, Path(out_dir) / f"{name}.json")
     figures.save(
         figures.digit_grid(

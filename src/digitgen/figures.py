@@ -15,6 +15,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from digitgen.files import write_atomic  # noqa: E402
+from digitgen.models import noise_dim  # noqa: E402
 
 LOSS_TERMS = ("loss", "bce", "nll", "kl")
 
@@ -117,6 +118,41 @@ def forest(panels: dict[str, list[tuple[str, float, float, float, bool]]], title
     return fig
 
 
+def temperature_curve(curves: dict[str, list[dict[str, float]]], trained: float, name: str) -> Figure:
+    """Precision against recall (left) and FID (right) over the generating temperature, one line per seed, each point
+    labelled with its temperature; the temperature the model draws at (`trained`) ringed. Against the validation
+    images, where the temperature is chosen."""
+    fig, (pr, fid) = plt.subplots(1, 2, figsize=(8, 3.4))
+    for i, (seed, rows) in enumerate(curves.items()):
+        temperatures = [row["temperature"] for row in rows]
+        pr.plot([r["recall"] for r in rows], [r["precision"] for r in rows], "o-", color=f"C{i}", label=f"seed {seed}")
+        fid.plot(temperatures, [r["fid"] for r in rows], "o-", color=f"C{i}", label=f"seed {seed}")
+        for row in rows:
+            if i == 0:
+                pr.annotate(
+                    f"{row['temperature']:g}",
+                    (row["recall"], row["precision"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+            if row["temperature"] == trained:
+                pr.plot(row["recall"], row["precision"], "o", markersize=11, fillstyle="none", color="black")
+                fid.plot(row["temperature"], row["fid"], "o", markersize=11, fillstyle="none", color="black")
+    pr.set_xlabel("recall (coverage of real digits)")
+    pr.set_ylabel("precision (realism)")
+    fid.set_xlabel("temperature t")
+    fid.set_ylabel("FID")
+    for ax in (pr, fid):
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"{name}: generating at temperature t, against the validation digits (ringed: t = {trained:g})", fontsize=9
+    )
+    fig.tight_layout()
+    return fig
+
+
 def _loss_axes(ax, histories: dict[str, list[dict[str, float]]], title: str) -> None:
     for i, (label, rows) in enumerate(histories.items()):
         epochs = [row["epoch"] for row in rows]
@@ -153,5 +189,5 @@ def reconstruction_grid(model, images: torch.Tensor, digits: torch.Tensor) -> Fi
 def generation_grid(model, seed: int) -> Figure:
     """10 x 10 digits generated from labels alone, one row per digit 0-9, style noise seeded."""
     digits = torch.arange(10).repeat_interleave(10)
-    noise = torch.randn(len(digits), model.config.latent_dim, generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn(len(digits), noise_dim(model), generator=torch.Generator().manual_seed(seed))
     return digit_grid(model.generate(digits, noise), nrow=10, title="generated from digits 0-9 (one row each)")

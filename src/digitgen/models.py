@@ -23,7 +23,8 @@ sides see the one-hot label, so the latent is left to carry the handwriting styl
 The prior CVAE (`pcvae`), beyond the study, keeps the three input modes and both outputs, but
 its decoder also sees the digit, its latent has a per-digit prior p(z|y) = N(mu_y, sigma_y^2), learned
 in training and saved with the weights, that generation draws from, its label term is weighted (MVAE),
-its KL term is warmed up, and its image pathways may be convolutional:
+its KL term is warmed up (to a weight beta that may be below 1), its image pathways may be convolutional,
+and, with `prior_components`, it draws from a per-digit Gaussian mixture fitted after training (two-stage):
 
     image (28x28) -> [conv 4x4/2 -> ReLU] x len(channels) -> FC 512 -> ReLU --\
                                                                              (+) -> mu, log sigma^2 -> z
@@ -31,6 +32,7 @@ its KL term is warmed up, and its image pathways may be convolutional:
     [z, digit]    -> FC 512 -> ReLU -> FC -> [deconv 4x4/2] x len(channels) -> image logits
     z             -> FC 512 -> ReLU -> FC 10 -> log-softmax (digit)
     digit alone   -> p(z | digit) = N(mu_y, sigma_y^2): the digit-only "encoder" is the learned prior
+    generating    -> z ~ the digit's fitted mixture (else its learned prior), then decoded with the digit
 
 Every model answers the same inference calls (`generate`, `reconstruct`, `encode`, `classify`), so
 evaluation and the API need not know which one they hold; a call a model cannot answer raises
@@ -39,6 +41,7 @@ evaluation and the API need not know which one they hold; a call a model cannot 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -46,6 +49,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributions import MultivariateNormal
 
 from digitgen.files import save_torch, weights_checksum
 from digitgen.params import DigitgenError
@@ -67,6 +71,9 @@ class ModelConfig:
     kl_warmup_batches: int = 0  # the prior CVAE's KL weight rises linearly from 0 to 1 over this many batches
     prior_rate: float = 0.01  # the prior CVAE's per-batch step of each digit's prior toward its posteriors' moments
     prior_temperature: float = 1.0  # the prior CVAE generates from z = mu_y + t * sigma_y * noise
+    kl_weight: float = 1.0  # the prior CVAE's beta: the KL term's weight once warmed up
+    prior_components: int = 0  # the prior CVAE's Gaussians per digit fitted after training; 0: the running prior
+    head_sees_image: bool = False  # the prior CVAE's digit head reads the image pathway's features beside z
 
 
 class UnsupportedTask(DigitgenError):
@@ -399,11 +406,22 @@ class PriorCVAE(nn.Module):
     a reduced temperature t (`prior_temperature`: sigma_y scaled by t, as Glow, Kingma & Dhariwal 2018, and
     NVAE, Vahdat & Kautz 2020, sample): the prior is a diagonal Gaussian fitted to a digit's aggregate
     posterior, which is not Gaussian, and its tails reach latents that decode to ambiguous digits.
+
+    That Gaussian covers only part of a digit's aggregate posterior, so with `prior_components` K > 0 a second
+    stage follows training (`fit_mixture`, as two-stage VAEs do: Dai & Wipf 2019; Ghosh et al. 2020): each
+    digit's mixture of K full-covariance Gaussians is fitted by EM to one posterior draw per training image,
+    saved with the weights, and is what generation draws from (each component's spread scaled by t). The
+    running Gaussian stays the KL's target in training and the digit-only condition. A KL weight beta below 1
+    (`kl_weight`) lets the posteriors keep more of each image, so the decoder redraws digits more sharply;
+    the mixture, not the N(mu_y, sigma_y^2) the KL pulls toward, then has to cover them.
     """
 
     prior_mu: torch.Tensor  # the buffers registered below
     prior_second_moment: torch.Tensor
     batches_seen: torch.Tensor
+    mixture_logits: torch.Tensor  # with prior_components only
+    mixture_means: torch.Tensor
+    mixture_scale_tril: torch.Tensor
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -415,10 +433,14 @@ class PriorCVAE(nn.Module):
         self.register_buffer("prior_mu", torch.zeros(NUM_DIGITS, config.latent_dim))
         self.register_buffer("prior_second_moment", torch.ones(NUM_DIGITS, config.latent_dim))  # E[z^2] under q
         self.image_decoder = ImageDecoder(config.latent_dim, config.channels, config.hidden_dim)
-        self.digit_head = nn.Sequential(
-            *_mlp(config.latent_dim, config.hidden_dim), nn.Linear(config.hidden_dim, NUM_DIGITS)
-        )
+        head_in = config.latent_dim + config.hidden_dim * config.head_sees_image
+        self.digit_head = nn.Sequential(*_mlp(head_in, config.hidden_dim), nn.Linear(config.hidden_dim, NUM_DIGITS))
         self.register_buffer("batches_seen", torch.zeros((), dtype=torch.long))  # drives the KL warm-up; saved
+        if config.prior_components:  # the second stage's per-digit mixtures, fitted by fit_mixture after training
+            k, d = config.prior_components, config.latent_dim
+            self.register_buffer("mixture_logits", torch.zeros(NUM_DIGITS, k))
+            self.register_buffer("mixture_means", torch.zeros(NUM_DIGITS, k, d))
+            self.register_buffer("mixture_scale_tril", torch.eye(d).expand(NUM_DIGITS, k, d, d).clone())
 
     def prior(self, digits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu_y, log sigma_y^2) of p(z | y) for each digit."""
@@ -437,36 +459,52 @@ class PriorCVAE(nn.Module):
 
     def encode(self, images: torch.Tensor | None, digits: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z | x, y) or q(z | x); with the digit alone, of the prior p(z | y)."""
-        if images is None:
+        return self._posterior(None if images is None else self.image_path(images), digits)
+
+    def _posterior(
+        self, features: torch.Tensor | None, digits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode, from the image pathway's features (None: no image)."""
+        if features is None:
             if digits is None:
                 raise ValueError("the encoder needs an image, a digit, or both")
             return self.prior(digits)
-        fused = self.image_path(images)
         if digits is not None:
-            fused = fused + self.digit_path(_one_hot(digits, images))
-        return self.to_mu(fused), self.to_logvar(fused)
+            features = features + self.digit_path(_one_hot(digits, features))
+        return self.to_mu(features), self.to_logvar(features)
+
+    def _digit_log_probs(self, z: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """p(y | z), or with head_sees_image p(y | z, the image's features), zeros standing in for an absent image
+        (as an absent input adds nothing to the encoder's sum)."""
+        if self.config.head_sees_image:
+            z = torch.cat([z, z.new_zeros(len(z), self.config.hidden_dim) if features is None else features], 1)
+        return F.log_softmax(self.digit_head(z), dim=-1)
 
     def kl_weight(self) -> float:
-        """beta: 0 at the first batch, 1 after kl_warmup_batches, always 1 outside training."""
-        if not self.training or self.config.kl_warmup_batches == 0:
+        """beta: 0 at the first batch, config.kl_weight after kl_warmup_batches, always 1 outside training."""
+        if not self.training:
             return 1.0
-        return min(1.0, self.batches_seen.item() / self.config.kl_warmup_batches)
+        if self.config.kl_warmup_batches == 0:
+            return self.config.kl_weight
+        return self.config.kl_weight * min(1.0, self.batches_seen.item() / self.config.kl_warmup_batches)
 
     def forward(self, images: torch.Tensor | None, digits: torch.Tensor | None, sample: bool = True) -> Output:
         """images: N x 784 or None; digits: N or None. The image is decoded with the given digit, else the
         predicted one."""
-        mu, logvar = self.encode(images, digits)
+        features = None if images is None else self.image_path(images)
+        mu, logvar = self._posterior(features, digits)
         z = reparameterize(mu, logvar, torch.randn_like(mu) if sample else None)
-        digit_log_probs = F.log_softmax(self.digit_head(z), dim=-1)
+        digit_log_probs = self._digit_log_probs(z, features)
         shown = digits if digits is not None else digit_log_probs.argmax(1)
         return Output(self.image_decoder(z, shown), digit_log_probs, z, mu, logvar)
 
     def loss(self, images: torch.Tensor, digits: torch.Tensor, input_mode: str) -> Losses:
         if self.training:
             self.batches_seen += 1
-        mu, logvar = self.encode(images if input_mode != "digit" else None, digits if input_mode != "image" else None)
+        features = self.image_path(images) if input_mode != "digit" else None
+        mu, logvar = self._posterior(features, digits if input_mode != "image" else None)
         z = reparameterize(mu, logvar, torch.randn_like(mu))
-        nll = F.nll_loss(F.log_softmax(self.digit_head(z), dim=-1), digits)
+        nll = F.nll_loss(self._digit_log_probs(z, features), digits)
         if input_mode == "digit":
             with torch.no_grad():
                 bce = (
@@ -481,12 +519,46 @@ class PriorCVAE(nn.Module):
             self.fit_prior(mu.detach(), logvar.detach(), digits)
         return Losses(bce + self.config.label_weight * nll + self.kl_weight() * kl, bce, nll, kl)
 
+    @torch.no_grad()
+    def fit_mixture(self, images: torch.Tensor, digits: torch.Tensor, seed: int, batch_size: int = 1024) -> None:
+        """The second stage (Dai and Wipf 2019, "Diagnosing and Enhancing VAE Models"; Ghosh et al. 2020's ex-post
+        density estimation): fit each digit's mixture of `prior_components` full-covariance Gaussians to its
+        aggregate posterior, one draw z ~ q(z | x, y) per training image, by EM. Generation then draws from it."""
+        generator = torch.Generator().manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        draws = []
+        for start in range(0, len(digits), batch_size):
+            mu, logvar = self.encode(images[start : start + batch_size], digits[start : start + batch_size])
+            draws.append(reparameterize(mu, logvar, torch.randn(mu.shape, generator=generator).to(mu)).cpu())
+        z, labels = torch.cat(draws).double(), digits.cpu()
+        k = self.config.prior_components
+        for digit in range(NUM_DIGITS):
+            if int((labels == digit).sum()) < k:
+                raise DigitgenError(
+                    f"pcvae.prior_components is {k}, but the training set has {int((labels == digit).sum())} images "
+                    f"of digit {digit}; lower prior_components in params.yaml or train on more images"
+                )
+            log_weights, means, scale_tril = gaussian_mixture(z[labels == digit], k, generator)
+            self.mixture_logits[digit] = log_weights.to(self.mixture_logits)
+            self.mixture_means[digit] = means.to(self.mixture_means)
+            self.mixture_scale_tril[digit] = scale_tril.to(self.mixture_scale_tril)
+        self.train(was_training)
+
     def generate(self, digits: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Images (N x 784 in [0, 1]) of `digits`, z = mu_y + t * sigma_y * noise drawn from the learned prior
-        at temperature t; one noise row gives every digit the same relative place in its prior."""
-        mu, logvar = self.prior(digits)
-        noise = torch.randn_like(mu) if noise is None else noise.expand_as(mu)
-        return self.decode(reparameterize(mu, logvar, self.config.prior_temperature * noise), digits)
+        """Images (N x 784 in [0, 1]) of `digits`, z drawn from the digit's prior at temperature t: the fitted
+        mixture when there is one (`noise_dim` columns of noise: the last picks the component, the rest place z in
+        it), else z = mu_y + t * sigma_y * noise; one noise row gives every digit the same relative place."""
+        n, d, t = len(digits), self.config.latent_dim, self.config.prior_temperature
+        noise = torch.randn(n, noise_dim(self), device=digits.device) if noise is None else noise.expand(n, -1)
+        if not self.config.prior_components:
+            mu, logvar = self.prior(digits)
+            return self.decode(reparameterize(mu, logvar, t * noise), digits)
+        cdf = self.mixture_logits[digits].softmax(-1).cumsum(-1)
+        component = (cdf < torch.special.ndtr(noise[:, d:])).sum(1).clamp(max=self.config.prior_components - 1)
+        scale_tril = self.mixture_scale_tril[digits, component]
+        z = self.mixture_means[digits, component] + t * (scale_tril @ noise[:, :d, None]).squeeze(-1)
+        return self.decode(z, digits)
 
     def decode(self, z: torch.Tensor, digits: torch.Tensor) -> torch.Tensor:
         """Images (N x 784 in [0, 1]) of `digits` from latents z."""
@@ -494,7 +566,8 @@ class PriorCVAE(nn.Module):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Digit log-probabilities (N x 10) from images alone, read from the posterior mean."""
-        return F.log_softmax(self.digit_head(self.encode(images, None)[0]), dim=-1)
+        features = self.image_path(images)
+        return self._digit_log_probs(self._posterior(features, None)[0], features)
 
     def reconstruct(
         self, images: torch.Tensor, digits: torch.Tensor | None = None
@@ -503,6 +576,33 @@ class PriorCVAE(nn.Module):
         digits the image is decoded with the predicted digit."""
         out = self(images, digits, sample=False)
         return out.image_logits.sigmoid(), out.digit_log_probs
+
+
+def gaussian_mixture(
+    x: torch.Tensor, components: int, generator: torch.Generator, iterations: int = 100, ridge: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log weights K, means K x d, Cholesky factors K x d x d) of a full-covariance Gaussian mixture fitted to
+    the rows of x by EM, started from `components` distinct rows and the data's covariance; `ridge` times the
+    mean variance is added to each covariance's diagonal so that no component collapses onto a few points."""
+    n, d = x.shape
+    means = x[torch.randperm(n, generator=generator)[:components]]
+    floor = ridge * x.var(0).mean() * torch.eye(d, dtype=x.dtype)
+    covariance = (torch.cov(x.T) + floor).expand(components, d, d).clone()
+    log_weights = torch.full((components,), -math.log(components), dtype=x.dtype)
+    for _ in range(iterations):
+        log_resp = MultivariateNormal(means, covariance).log_prob(x[:, None, :]) + log_weights
+        resp = (log_resp - log_resp.logsumexp(1, keepdim=True)).exp()  # n x K
+        counts = resp.sum(0) + 1e-9
+        log_weights = (counts / n).log()
+        means = resp.T @ x / counts[:, None]
+        centred = x[:, None, :] - means  # n x K x d
+        covariance = torch.einsum("nk,nki,nkj->kij", resp, centred, centred) / counts[:, None, None] + floor
+    return log_weights, means, torch.linalg.cholesky(covariance)
+
+
+def noise_dim(model: Model) -> int:
+    """Columns of the noise `generate` reads: the latent's, and one more that picks a fitted mixture's component."""
+    return model.config.latent_dim + (model.config.prior_components > 0)
 
 
 Model = JointAutoencoder | LabelCVAE | PriorCVAE
@@ -542,10 +642,21 @@ class ModelFileError(DigitgenError):
     """A model file that is there but is not a whole digitgen model; the message names it and the fix."""
 
 
+# ModelConfig's fields added after the first model files, written only where they differ from their defaults: a model
+# that does not use them is saved byte for byte as before (DVC sees the same output) and loads in earlier versions
+LATER_FIELDS = ("kl_weight", "prior_components", "head_sees_image")
+
+
 def save_model(model: Model, path: Path) -> None:
     """Weights, the config that rebuilds them and their checksum, written atomically; loadable with
     torch.load(weights_only=True)."""
-    config, state_dict = asdict(model.config), model.state_dict()
+    defaults = ModelConfig(model.config.kind, model.config.latent_dim)
+    config = {
+        name: value
+        for name, value in asdict(model.config).items()
+        if name not in LATER_FIELDS or value != getattr(defaults, name)
+    }
+    state_dict = model.state_dict()
     save_torch({"config": config, "state_dict": state_dict, "sha256": weights_checksum(config, state_dict)}, path)
 
 

@@ -213,12 +213,19 @@ class EvaluateParams:
     kid_subsets: int = 10  # KID: how many random subsets it averages (torch-fidelity's 100 cost 19 s a call on 1 core)
     prc_neighborhood: int = 3  # precision/recall: the k of the k-nearest-neighbour balls
     reference_blur_sigma: float = 1.0  # the blurred-real reference point: Gaussian blur, in pixels
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 0.7, 0.8, 0.9, 1.0])  # the pcvae's curve
     device: str = "auto"
 
     def __post_init__(self) -> None:
         _require(self.kid_subset_size > 1, "kid_subset_size", "an integer of at least 2", self.kid_subset_size)
         _require(self.kid_subsets > 0, "kid_subsets", "a positive integer", self.kid_subsets)
         _require(self.prc_neighborhood > 0, "prc_neighborhood", "a positive integer", self.prc_neighborhood)
+        _require(
+            bool(self.temperatures) and all(0 < t <= 1 for t in self.temperatures),
+            "temperatures",
+            "a non-empty list of numbers in (0, 1]",
+            self.temperatures,
+        )
         _require(
             self.reference_blur_sigma > 0,
             "reference_blur_sigma",
@@ -313,6 +320,9 @@ class PCVAEParams:
     kl_warmup_epochs: float = 2.0  # the KL weight rises linearly from 0 to 1 over these epochs
     prior_rate: float = 0.01  # each batch moves a digit's prior this share of the way toward its posteriors' moments
     prior_temperature: float = 0.8  # generation draws z = mu_y + t * sigma_y * noise
+    kl_weight: float = 1.0  # beta: the KL term's weight once warmed up
+    prior_components: int = 0  # Gaussians per digit fitted to the posteriors after training; 0: the running prior
+    head_sees_image: bool = False  # the digit head reads the image pathway's features beside z
     train: TrainParams = field(default_factory=TrainParams)
 
     def __post_init__(self) -> None:
@@ -332,6 +342,8 @@ class PCVAEParams:
         _require(self.label_weight > 0, "label_weight", "a positive number", self.label_weight)
         _require(0 < self.prior_rate <= 1, "prior_rate", "in (0, 1]", self.prior_rate)
         _require(0 < self.prior_temperature <= 1, "prior_temperature", "in (0, 1]", self.prior_temperature)
+        _require(self.kl_weight > 0, "kl_weight", "a positive number", self.kl_weight)
+        _require(self.prior_components >= 0, "prior_components", "a non-negative integer", self.prior_components)
         _require(self.kl_warmup_epochs >= 0, "kl_warmup_epochs", "a non-negative number", self.kl_warmup_epochs)
 
 

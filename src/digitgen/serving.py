@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from digitgen import figures
 from digitgen.files import write_atomic
-from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, save_model
+from digitgen.models import IMAGE_DIM, NUM_DIGITS, Model, UnsupportedTask, load_model, noise_dim, save_model
 from digitgen.params import DigitgenError
 
 SIDE = 28  # MNIST images are 28 x 28 pixels
@@ -169,7 +169,7 @@ class DigitModel:
         """
         digits = as_labels(labels).repeat_interleave(as_count(n))
         generator = torch.Generator().manual_seed(as_seed(seed)) if seed is not None else None
-        noise = torch.randn(1 if same_style else len(digits), self.latent_dim, generator=generator)
+        noise = torch.randn(1 if same_style else len(digits), noise_dim(self.net), generator=generator)
         images = self._run(self.net.generate, digits, noise.expand(len(digits), -1))
         return images.reshape(-1, SIDE, SIDE).cpu()
 

@@ -40,7 +40,16 @@ from tqdm import tqdm
 
 from digitgen import figures, files, serving, tracking
 from digitgen.data import Digits, load_split, md5sum
-from digitgen.models import ABSENT_TERMS, LabelCVAE, Model, ModelConfig, build_model, resolve_device, save_model
+from digitgen.models import (
+    ABSENT_TERMS,
+    LabelCVAE,
+    Model,
+    ModelConfig,
+    PriorCVAE,
+    build_model,
+    resolve_device,
+    save_model,
+)
 from digitgen.params import (
     INPUT_MODES,
     LABEL_CVAE,
@@ -192,6 +201,8 @@ def fit(
             f"val_loss {row['val_loss']:.2f} ({row['epoch_seconds']:.1f} s)",
             file=sys.stderr,
         )
+    if isinstance(model, PriorCVAE) and model.config.prior_components:  # the second stage, on the trained encoder
+        model.fit_mixture(x_train, y_train, seed)
     return history
 
 
@@ -250,6 +261,9 @@ def model_setup(params: Params, kind: str, latent_dim: int) -> tuple[ModelConfig
             label_weight=pcvae.label_weight,
             prior_rate=pcvae.prior_rate,
             prior_temperature=pcvae.prior_temperature,
+            kl_weight=pcvae.kl_weight,
+            prior_components=pcvae.prior_components,
+            head_sees_image=pcvae.head_sees_image,
             kl_warmup_batches=round(pcvae.kl_warmup_epochs * batches_per_epoch),
         ), pcvae.train
     return ModelConfig(kind, latent_dim, hidden_dim=params.model.hidden_dim), params.train
@@ -537,7 +551,7 @@ def train_seed(task: SeedTask, train: Digits, val: Digits) -> SeedResult:
             _log_seed_artifacts(model, history, val, task.name, task.seed)
             run_id = run.run_id
         saved = torch.load(task.checkpoint, weights_only=True)
-        files.save_torch({**saved, "done": True}, task.checkpoint)
+        files.save_torch({**saved, "model": model.state_dict(), "done": True}, task.checkpoint)
     return SeedResult(task.seed, {k: v.cpu() for k, v in model.state_dict().items()}, history, run_id)
 
 
