@@ -206,22 +206,34 @@ def test_the_numbers_the_docs_state_are_the_results_files():
             f"83.14 -> {summary['cvae-64']['reconstruction_error']['mean']:.2f}",
             f"`distinct_fraction` is {distinct.pop()} in {n_generated:,}",
         ],
-        "prior-cvae.md": [
-            f"The separate classifier reaches {accuracy:.3f}",
-            "short by {:.3f} (pcvae-16) and {:.3f} (pcvae-32)".format(
-                *(0.990 - summary[c]["classification_accuracy"]["mean"] for c in ("pcvae-16", "pcvae-32"))
-            ),
-        ],
+        "prior-cvae.md": [f"The separate classifier reaches {accuracy:.3f}"],
     }
     assert not distinct, "the CAEs' distinct image counts differ"
     for page, sentences in stated.items():
         body = " ".join(text(DOCS / page).split())
         for sentence in sentences:
             assert sentence in body, (page, sentence)
-    for config in ("pcvae-16", "pcvae-32"):  # prior-cvae.md's targets: met, met, met, missed
+    for config in ("pcvae-16", "pcvae-32"):  # prior-cvae.md's targets: all met, but pcvae-32's classification
         m = summary[config]
-        assert m["gen_accuracy"]["mean"] >= 0.985 and m["fid"]["mean"] <= 60
-        assert m["reconstruction_error"]["mean"] <= 75 and m["classification_accuracy"]["mean"] < 0.990
+        assert m["fid"]["mean"] <= 25 and m["recall"]["mean"] >= 0.40 and m["gen_accuracy"]["mean"] >= 0.99
+        assert m["reconstruction_error"]["mean"] <= 70
+        assert (m["classification_accuracy"]["mean"] >= 0.990) == (config == "pcvae-16")
+
+
+def test_the_pcvae_temperature_is_the_one_its_rule_picks_on_the_validation_curves():
+    """prior-cvae.md's rule: of the temperatures whose mean validation generated accuracy is at least 0.99 and
+    recall at least 0.40, the one of lowest mean validation FID, at each latent size; params.yaml draws at it."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for latent_dim in params["pcvae"]["latent_dims"]:
+        curves = list(load(f"evaluation/pcvae-{latent_dim}.json")["temperature_curve"].values())
+        mean = {
+            row["temperature"]: {
+                k: sum(c[i][k] for c in curves) / len(curves) for k in ("fid", "recall", "gen_accuracy")
+            }
+            for i, row in enumerate(curves[0])
+        }
+        allowed = [t for t, m in mean.items() if m["gen_accuracy"] >= 0.99 and m["recall"] >= 0.40]
+        assert min(allowed, key=lambda t: mean[t]["fid"]) == params["pcvae"]["prior_temperature"], latent_dim
 
 
 # Every number the README's prose states (outside commands, Table 1 and link targets) and where it comes from.
