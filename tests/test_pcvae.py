@@ -135,16 +135,20 @@ def test_three_conv_blocks_and_a_temperature_above_one_are_refused_in_one_line()
         make_params(evaluate={"temperatures": [0.8, 1.5]})
 
 
-def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(
-    mnist_subset, prepared_dir, mlflow_store, tmp_path
-):
+def test_a_trained_prior_cvae_serves_the_api_from_its_file_and_its_run(mnist_subset, tmp_path, monkeypatch):
     from digitgen.train import run_train
 
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(prepared / f"{name}.pt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
     runs = run_train(
         make_params(pcvae={"train": {**make_params().pcvae.train.__dict__, "epochs": 1}}),
         "pcvae",
         4,
-        prepared_dir,
+        prepared,
         tmp_path / "models",
         tmp_path / "histories",
         tmp_path / "checkpoints",
@@ -188,17 +192,23 @@ def test_a_fitted_mixture_is_what_generation_draws_from_its_last_noise_column_pi
 
 
 def test_training_with_mixture_components_fits_them_after_the_last_epoch_and_saves_them(
-    prepared_dir, mlflow_store, tmp_path, monkeypatch
+    mnist_subset, tmp_path, monkeypatch
 ):
     from digitgen.train import run_train
 
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+    for name, digits in mnist_subset.items():
+        digits.save(prepared / f"{name}.pt")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
     train = {**make_params().pcvae.train.__dict__, "epochs": 1, "seeds": [0]}
     params = make_params(pcvae={"train": train, "prior_components": 3, "kl_weight": 0.5})
     rmtree = shutil.rmtree  # the checkpoints are kept, as if the stage stopped before its cleanup
     monkeypatch.setattr(
         shutil, "rmtree", lambda path, **kw: None if Path(path).name == "checkpoints" else rmtree(path, **kw)
     )
-    run_train(params, "pcvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    run_train(params, "pcvae", 4, prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
     model = load_model(tmp_path / "models" / "seed0.pt")
     assert model.config.prior_components == 3 and model.config.kl_weight == 0.5
     assert model.mixture_means.abs().sum() > 0 and model.mixture_logits.logsumexp(1).allclose(
@@ -209,7 +219,7 @@ def test_training_with_mixture_components_fits_them_after_the_last_epoch_and_sav
     (
         tmp_path / "models" / "seed0.pt"
     ).unlink()  # the rerun takes the finished seed from its checkpoint, mixture and all
-    run_train(params, "pcvae", 4, prepared_dir, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
+    run_train(params, "pcvae", 4, prepared, tmp_path / "models", tmp_path / "histories", tmp_path / "checkpoints")
     assert torch.equal(load_model(tmp_path / "models" / "seed0.pt").mixture_means, model.mixture_means)
 
 
